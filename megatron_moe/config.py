@@ -1,0 +1,336 @@
+"""Typed, nested run configuration: YAML file + ``--set section.key=value`` overrides, validated up front.
+
+Every field has a docstring-style comment. :func:`load_config` reads a YAML file, applies overrides,
+rejects unknown keys and wrong types, and :func:`validate` checks every cross-field constraint
+against the world size *before* any process group exists. User errors raise :class:`ConfigError`
+(a ``ValueError``) whose message names the field paths and their values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the field(s) and value(s)."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4  # transformer layers (split evenly over pipeline stages)
+    hidden_size: int = 64  # model width
+    ffn_hidden_size: int = 128  # SwiGLU inner width of each expert and of dense MLPs
+    num_attention_heads: int = 4  # query heads
+    num_query_groups: Optional[int] = None  # key/value heads for GQA; None = num_attention_heads
+    seq_length: int = 64  # training sequence length in tokens
+    init_method_std: float = 0.02  # std of the normal weight initialisation
+    norm_epsilon: float = 1e-5  # RMSNorm epsilon
+    rotary_base: int = 10000  # RoPE base
+    moe_layer_freq: Union[int, list] = 1  # 1 = every layer MoE; N = every Nth; list of 0/1 per layer
+    share_embeddings: bool = False  # tie input embedding and output layer (Mixtral: untied)
+    recompute: str = "none"  # activation recomputation: none | full | selective
+    vocab_size: Optional[int] = None  # None = the tokenizer's size; padded for TP either way
+    make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (divisible by TP)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 4  # experts per MoE layer
+    topk: int = 2  # experts per token
+    router: str = "topk"  # routing method (see megatron_moe.model.routers.ROUTERS)
+    dispatcher: str = "alltoall"  # token dispatcher: alltoall | allgather
+    aux_loss_coeff: float = 0.01  # load-balancing loss coefficient (0 disables)
+    z_loss_coeff: Optional[float] = None  # router z-loss coefficient
+    capacity_factor: Optional[float] = None  # None = dropless
+    grouped_gemm: bool = False  # grouped GEMM experts (needs TransformerEngine/CUDA)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    ep: int = 1  # expert-parallel size (carved out of the data-parallel ranks)
+    etp: int = 1  # tensor-parallel size inside experts
+    sequence_parallel: Optional[bool] = None  # None = on when tp > 1 (MoE with TP requires it)
+    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
+    overlap_grad_reduce: bool = False  # overlap DDP gradient reduction with backward
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 50  # optimizer steps
+    seed: int = 1234  # seeds weights, data order and every generator
+    micro_batch_size: int = 4  # sequences per micro-batch per data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # final learning rate
+    warmup_steps: int = 5  # linear warm-up steps
+    lr_decay: str = "cosine"  # constant | linear | cosine
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    eval_interval: int = 0  # validation every N steps (0 = only at the end)
+    eval_iters: int = 2  # global batches per validation
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None  # TSV (lang<TAB>src<TAB>tgt) or .txt; None = bundled sample
+    valid_path: Optional[str] = None  # likewise for validation; None = bundled sample
+    tokenizer: str = "byte"  # byte (UTF-8 bytes, no training needed)
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None  # directory to save to (None = no saving)
+    load: Optional[str] = None  # directory to load from (None = fresh start)
+    interval: int = 0  # save every N steps (0 = only at the end when save is set)
+    load_optimizer: bool = True  # also restore optimizer state when the layout matches
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between log lines
+    tensorboard_dir: Optional[str] = None  # write TensorBoard events here when set
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Check/convert ``value`` to the annotated type; raise ConfigError naming ``path``."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported annotation {hint} for {path}")
+
+
+def _type_name(hint: Any) -> str:
+    args = [a.__name__ for a in typing.get_args(hint) if a is not type(None)]
+    return " or ".join(args) + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]} (valid keys{' in ' + prefix if prefix else ''}: "
+            f"{', '.join(types_)})"
+        )
+    kwargs = {}
+    for name, hint in types_.items():
+        if name not in data:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, data[name] or {}, path)
+        else:
+            kwargs[name] = _coerce(path, data[name], hint)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` -> (path, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"--set {item!r}: keys have the form section.key")
+        section = data.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {item!r}: {parts[0]} is not a section")
+        section[parts[1]] = value
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML at ``path`` (or start from defaults), apply overrides, type-check every key."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    return _build(Config, data, "")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def _choice(path: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path} ({value!r}) must be one of: {', '.join(sorted(choices))}")
+
+
+def _positive(cfg: Config, *paths: str) -> None:
+    for path in paths:
+        section, key = path.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{path} ({value}) must be positive")
+
+
+def _divisible(a_path: str, a: int, b_path: str, b: int) -> None:
+    if a % b != 0:
+        raise ConfigError(f"{a_path} ({a}) must be divisible by {b_path} ({b})")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tp * p.pp)
+
+
+def moe_layer_pattern(m: ModelConfig) -> list[int]:
+    if isinstance(m.moe_layer_freq, int):
+        return [1 if i % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
+    return list(m.moe_layer_freq)
+
+
+def validate(cfg: Config, world_size: int, routers=("topk",)) -> None:
+    """Check every cross-field constraint for ``world_size`` ranks; raise ConfigError on the first."""
+    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    _positive(cfg, "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
+              "model.num_attention_heads", "model.num_query_groups", "model.seq_length",
+              "moe.num_experts", "moe.topk", "parallel.tp", "parallel.pp", "parallel.ep",
+              "parallel.etp", "train.steps", "train.micro_batch_size", "train.global_batch_size",
+              "train.eval_iters", "logging.interval", "model.make_vocab_size_divisible_by")
+    _choice("moe.router", moe.router, routers)
+    _choice("moe.dispatcher", moe.dispatcher, ("alltoall", "allgather"))
+    _choice("model.recompute", m.recompute, ("none", "full", "selective"))
+    _choice("train.lr_decay", t.lr_decay, ("constant", "linear", "cosine"))
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("data.tokenizer", cfg.data.tokenizer, ("byte",))
+    if moe.topk > moe.num_experts:
+        raise ConfigError(f"moe.topk ({moe.topk}) must be <= moe.num_experts ({moe.num_experts})")
+    if m.hidden_size % m.num_attention_heads:
+        _divisible("model.hidden_size", m.hidden_size, "model.num_attention_heads",
+                   m.num_attention_heads)
+    groups = m.num_query_groups or m.num_attention_heads
+    _divisible("model.num_attention_heads", m.num_attention_heads, "model.num_query_groups", groups)
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        raise ConfigError(f"model.hidden_size/model.num_attention_heads "
+                          f"({m.hidden_size // m.num_attention_heads}) must be even for RoPE")
+    pattern = moe_layer_pattern(m)
+    if len(pattern) != m.num_layers or any(x not in (0, 1) for x in pattern):
+        raise ConfigError(f"model.moe_layer_freq ({m.moe_layer_freq}) must be a positive int or a "
+                          f"list of {m.num_layers} zeros/ones (model.num_layers)")
+    if not any(pattern):
+        raise ConfigError(f"model.moe_layer_freq ({m.moe_layer_freq}) leaves no MoE layer")
+    if t.warmup_steps < 0 or t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr ({t.lr}), train.min_lr ({t.min_lr}) and train.warmup_steps "
+                          f"({t.warmup_steps}) must satisfy 0 <= min_lr <= lr, lr > 0, warmup >= 0")
+    if cfg.checkpoint.interval < 0 or t.eval_interval < 0:
+        raise ConfigError("checkpoint.interval and train.eval_interval must be >= 0")
+    _validate_parallel(cfg, world_size, groups)
+
+
+def _validate_parallel(cfg: Config, world_size: int, groups: int) -> None:
+    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    _divisible("world size", world_size, "parallel.tp*parallel.pp", p.tp * p.pp)
+    dp = data_parallel_size(cfg, world_size)
+    _divisible("moe.num_experts", moe.num_experts, "parallel.ep", p.ep)
+    _divisible("model.num_attention_heads", m.num_attention_heads, "parallel.tp", p.tp)
+    _divisible("model.num_query_groups", groups, "parallel.tp", p.tp)
+    _divisible("model.num_layers", m.num_layers, "parallel.pp", p.pp)
+    _divisible("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.tp", p.tp)
+    _divisible("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.etp", p.etp)
+    _divisible("model.seq_length", m.seq_length, "parallel.tp", p.tp)
+    _divisible("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, "parallel.tp",
+               p.tp)
+    _divisible(f"parallel.tp*data-parallel size (world size {world_size})", p.tp * dp,
+               "parallel.ep*parallel.etp", p.ep * p.etp)
+    if p.sequence_parallel is False and p.tp > 1:
+        raise ConfigError(f"parallel.sequence_parallel (false) must be on with parallel.tp "
+                          f"({p.tp}) > 1: megatron-core's MoE layer requires it")
+    _divisible("train.global_batch_size", t.global_batch_size,
+               f"train.micro_batch_size*data-parallel size ({t.micro_batch_size}*{dp})",
+               t.micro_batch_size * dp)
+    if moe.grouped_gemm and not _has_te():
+        raise ConfigError("moe.grouped_gemm (true) needs TransformerEngine, which is not importable")
+
+
+def _has_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True

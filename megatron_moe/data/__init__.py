@@ -1,0 +1,1 @@
+"""Data: corpus readers, tokenizers and the packed language-model batches the trainer consumes."""

@@ -1,0 +1,70 @@
+"""Packed language-model samples and their split into data-parallel micro-batches.
+
+A *sample* is ``seq_length + 1`` consecutive tokens of the packed stream. The global batch of step
+``s`` is a fixed, seeded function of ``s`` alone, and data-parallel rank ``d`` takes the ``d``-th
+contiguous slice of it: the set of sequences an optimizer step sees does not depend on the layout,
+which is what makes losses comparable across TP/PP/EP/DP layouts.
+
+Legend: B = micro-batch size, S = sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class MicroBatch:
+    tokens_BS: torch.Tensor
+    labels_BS: torch.Tensor
+    loss_mask_BS: torch.Tensor
+    position_ids_BS: torch.Tensor
+
+
+class PackedSamples:
+    def __init__(self, stream: np.ndarray, seq_length: int):
+        self.seq_length = seq_length
+        self.num_samples = (len(stream) - 1) // seq_length
+        if self.num_samples < 1:
+            raise ValueError(f"the data has {len(stream)} tokens, fewer than one sequence of "
+                             f"model.seq_length ({seq_length}) + 1")
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def get(self, index: int) -> np.ndarray:
+        start = index * self.seq_length
+        return self.stream[start : start + self.seq_length + 1]
+
+
+def global_batch_indices(num_samples: int, step: int, global_batch: int, seed: int,
+                         shuffle: bool) -> np.ndarray:
+    """Sample indices of global batch ``step``: epochs of seeded permutations, or in order."""
+    positions = np.arange(step * global_batch, (step + 1) * global_batch)
+    if not shuffle:
+        return positions % num_samples
+    epochs, offsets = np.divmod(positions, num_samples)
+    out = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return out
+
+
+def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_size: int,
+                  micro_batch_size: int, device) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of one global batch."""
+    per_rank = len(indices) // dp_size
+    mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    out = []
+    for start in range(0, per_rank, micro_batch_size):
+        rows = np.stack([samples.get(int(i)) for i in mine[start : start + micro_batch_size]])
+        rows_BS1 = torch.from_numpy(rows.astype(np.int64)).to(device)
+        tokens, labels = rows_BS1[:, :-1].contiguous(), rows_BS1[:, 1:].contiguous()
+        positions = torch.arange(samples.seq_length, device=device).expand_as(tokens).contiguous()
+        out.append(MicroBatch(tokens, labels, torch.ones_like(labels, dtype=torch.float32), positions))
+    return out

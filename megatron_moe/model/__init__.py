@@ -1,0 +1,1 @@
+"""The MoE GPT model: layer specs, norm, router registry and the builder."""

@@ -1,0 +1,110 @@
+"""Build the Mixtral-style MoE GPT of one pipeline stage from our config.
+
+:func:`transformer_config` is the one place that translates megatron_moe's config into megatron-core's
+``TransformerConfig``; :func:`build_model` instantiates ``GPTModel`` for this rank's stage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_moe.config import Config, moe_layer_pattern
+from megatron_moe.model.routers import ROUTERS
+from megatron_moe.model.spec import decoder_block_spec
+from megatron_moe.runtime.cpu_support import cuda_available
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU for ``auto``; otherwise as configured."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda_available() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def padded_vocab_size(cfg: Config, vocab_size: int) -> int:
+    """Pad to a multiple that does not depend on TP, so checkpoints keep one shape in every layout."""
+    multiple = cfg.model.make_vocab_size_divisible_by
+    return -(-vocab_size // multiple) * multiple
+
+
+def _recompute_kwargs(mode: str) -> dict:
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    dtype = params_dtype(cfg)
+    sequence_parallel = p.tp > 1 if p.sequence_parallel is None else p.sequence_parallel
+    return TransformerConfig(
+        # Mixtral-style architecture
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # MoE
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=m.ffn_hidden_size,
+        moe_layer_freq=moe_layer_pattern(m),
+        moe_router_topk=moe.topk,
+        moe_token_dispatcher_type=moe.dispatcher,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_grouped_gemm=moe.grouped_gemm,
+        moe_router_dtype="fp32",
+        # parallelism
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+        sequence_parallel=sequence_parallel,
+        pipeline_dtype=dtype,
+        # precision and loss
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        calculate_per_token_loss=True,
+        **_recompute_kwargs(m.recompute),
+    )
+
+
+def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int) -> GPTModel:
+    """GPTModel holding this rank's pipeline stage, on the compute device."""
+    from megatron_moe.runtime.cpu_support import compute_device
+
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=decoder_block_spec(tconfig, ROUTERS[cfg.moe.router]),
+        vocab_size=padded_vocab_size(cfg, vocab_size),
+        max_sequence_length=cfg.model.seq_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.model.share_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+    )
+    return model.to(compute_device())

@@ -1,0 +1,1 @@
+"""Process-level runtime: CPU support for megatron-core and distributed initialisation."""

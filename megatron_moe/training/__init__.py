@@ -1,0 +1,1 @@
+"""Training: the forward/backward step, optimizer and schedule, metrics, and the loop."""

@@ -1,0 +1,61 @@
+"""Wrap the model in megatron's DDP and build its Adam optimizer and LR/WD schedule."""
+
+from __future__ import annotations
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_moe.config import Config
+
+
+def wrap_ddp(cfg: Config, tconfig, model) -> DistributedDataParallel:
+    """megatron DDP (contiguous fp32 grad buffers); hooks the grad-finalisation into the schedule."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=None if not cfg.parallel.overlap_grad_reduce else 40_000_000,
+    )
+    ddp_model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
+    tconfig.no_sync_func = ddp_model.no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if cfg.parallel.overlap_grad_reduce:
+        tconfig.grad_sync_func = ddp_model.start_grad_sync
+    return ddp_model
+
+
+def build_optimizer(cfg: Config, tconfig, ddp_model):
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        clip_grad=t.grad_clip,
+        bf16=tconfig.bf16,
+        params_dtype=tconfig.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, [ddp_model])
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    t = cfg.train
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if t.warmup_steps else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=max(t.steps, t.warmup_steps + 1),
+        lr_decay_style=t.lr_decay,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(t.steps, 1),
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,76 @@
+"""Build everything a run needs, in a fixed order: data, parallel groups, model, DDP, optimizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_moe.config import Config
+from megatron_moe.data.batches import MicroBatch, PackedSamples, global_batch_indices, micro_batches
+from megatron_moe.data.corpus import read_documents
+from megatron_moe.data.tokenizer import build_tokenizer, pack_documents
+from megatron_moe.model.build import build_model, transformer_config
+from megatron_moe.runtime.cpu_support import compute_device
+from megatron_moe.runtime.distributed import LaunchEnv, init_distributed, is_main_rank
+from megatron_moe.training.optim import build_optimizer, build_scheduler, wrap_ddp
+
+
+@dataclass
+class Run:
+    cfg: Config
+    tconfig: Any
+    model: torch.nn.Module  # this stage's GPTModel
+    ddp: torch.nn.Module  # the same, wrapped in megatron's DDP
+    train_samples: Optional[PackedSamples]
+    valid_samples: PackedSamples
+    optimizer: Any = None
+    scheduler: Any = None
+
+    def batches(self, samples: PackedSamples, step: int, shuffle: bool) -> list[MicroBatch]:
+        t = self.cfg.train
+        indices = global_batch_indices(len(samples), step, t.global_batch_size, t.seed, shuffle)
+        return micro_batches(samples, indices, parallel_state.get_data_parallel_rank(),
+                             parallel_state.get_data_parallel_world_size(), t.micro_batch_size,
+                             compute_device())
+
+
+def _log(message: str) -> None:
+    if is_main_rank():
+        print(f"[megatron_moe] {message}", flush=True)
+
+
+def load_samples(cfg: Config, split: str, tokenizer) -> PackedSamples:
+    path = cfg.data.train_path if split == "train" else cfg.data.valid_path
+    docs = read_documents(path, split)
+    return PackedSamples(pack_documents(tokenizer, docs), cfg.model.seq_length)
+
+
+def setup_run(cfg: Config, env: LaunchEnv, training: bool) -> Run:
+    # 1. data first: bad input fails before any process group exists
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    train_samples = load_samples(cfg, "train", tokenizer) if training else None
+    valid_samples = load_samples(cfg, "valid", tokenizer)
+    # 2. process groups and seeds
+    started = time.perf_counter()
+    init_distributed(cfg, env)
+    _log(f"{env.launcher} launch, world size {env.world_size}: tp={cfg.parallel.tp} "
+         f"pp={cfg.parallel.pp} ep={cfg.parallel.ep} etp={cfg.parallel.etp} "
+         f"dp={parallel_state.get_data_parallel_world_size()} on {compute_device()}")
+    # 3. model of this pipeline stage, wrapped in DDP
+    tconfig = transformer_config(cfg)
+    model = build_model(cfg, tconfig, tokenizer.vocab_size)
+    ddp = wrap_ddp(cfg, tconfig, model)
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"model built in {time.perf_counter() - started:.1f}s: {n_params:,} parameters on rank 0 "
+         f"(stage {parallel_state.get_pipeline_model_parallel_rank()}), "
+         f"{len(train_samples) if train_samples else 0} train / {len(valid_samples)} valid sequences")
+    run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples)
+    # 4. optimizer and schedule
+    if training:
+        run.optimizer = build_optimizer(cfg, tconfig, ddp)
+        run.scheduler = build_scheduler(cfg, run.optimizer)
+    return run
