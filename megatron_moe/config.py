@@ -101,6 +101,7 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = 10  # steps between log lines
     tensorboard_dir: Optional[str] = None  # write TensorBoard events here when set
+    metrics_file: Optional[str] = None  # append every step's metrics here as JSON lines
 
 
 @dataclass

@@ -73,7 +73,10 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_token_dispatcher_type=moe.dispatcher,
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=moe.aux_loss_coeff,
-        moe_z_loss_coeff=moe.z_loss_coeff,
+        # megatron 0.16.1 divides the z-loss coefficient by the TP x CP size and, with per-token
+        # losses, scales the term by the rank-local token count although its gradient is summed
+        # over TP: net 1/TP too weak. Pre-multiplying by TP gives the TP=1 gradient.
+        moe_z_loss_coeff=moe.z_loss_coeff * p.tp if moe.z_loss_coeff else None,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_grouped_gemm=moe.grouped_gemm,
         moe_router_dtype="fp32",
@@ -92,6 +95,26 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
+def mark_expert_parameters(model: torch.nn.Module) -> int:
+    """Flag every routed-expert weight as expert-parallel (``allreduce = False``); return the count.
+
+    megatron 0.16.1 sets ``allreduce = not (is_expert and EP > 1)``: with EP = 1 expert weights are
+    treated as dense, reduced over the data-parallel group only. When the expert tensor-parallel
+    size is smaller than TP (e.g. TP=2, ETP=1) each TP rank's expert replica sees only its
+    sequence-parallel shard of the tokens, so the partial gradients must be summed over the
+    expert-data-parallel group, which spans those TP ranks; as dense weights they never are, and
+    the grad norm counts them once per TP rank. As expert weights, megatron's DDP reduces them over
+    the expert-data-parallel group and its optimizer computes their norm over the expert groups;
+    where those groups equal the dense ones (ETP = TP) nothing changes.
+    """
+    count = 0
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
+            count += 1
+    return count
+
+
 def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int) -> GPTModel:
     """GPTModel holding this rank's pipeline stage, on the compute device."""
     from megatron_moe.runtime.cpu_support import compute_device
@@ -107,4 +130,5 @@ def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int) -> GPT
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
     )
+    mark_expert_parameters(model)
     return model.to(compute_device())

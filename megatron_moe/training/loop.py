@@ -54,6 +54,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
         values = train_step(run, step)
         losses.append(values["loss"])
         done = step + 1
+        logger.record_step(done, values)
         if done % cfg.logging.interval == 0 or done == cfg.train.steps or done == start + 1:
             logger.log_step(done, cfg.train.steps, values)
         if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:

@@ -34,10 +34,19 @@ class MetricsLogger:
         self.is_main = is_main
         self.stream = stream
         self.writer = None
+        self.metrics = None
+        if is_main and cfg.logging.metrics_file:
+            self.metrics = open(cfg.logging.metrics_file, "a", encoding="utf-8")
         if is_main and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
+
+    def record_step(self, step: int, values: dict) -> None:
+        """Every step, full precision, to ``logging.metrics_file``."""
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.flush()
 
     def log_step(self, step: int, total_steps: int, values: dict) -> None:
         if not self.is_main:
@@ -66,5 +75,7 @@ class MetricsLogger:
             self.writer.add_scalar("valid/loss", loss, step)
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self.writer is not None:
             self.writer.close()
