@@ -1,0 +1,77 @@
+"""Tier: unit. The typed config: YAML + overrides, unknown keys, types, and up-front validation."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_moe.config import ConfigError, load_config, validate
+from tests.conftest import DEBUG_CONFIG, REPO, cli
+
+
+def test_yaml_and_overrides_are_typed():
+    cfg = load_config(DEBUG_CONFIG, ["parallel.tp=2", "train.lr=1e-4", "moe.dispatcher=allgather",
+                                     "checkpoint.save=/tmp/x", "model.moe_layer_freq=[1,0,1,0]"])
+    assert cfg.parallel.tp == 2 and cfg.train.lr == 1e-4 and cfg.moe.dispatcher == "allgather"
+    assert cfg.checkpoint.save == "/tmp/x" and cfg.model.moe_layer_freq == [1, 0, 1, 0]
+    assert cfg.moe.num_experts == 4  # from the YAML
+
+
+@pytest.mark.parametrize("override, message", [
+    ("moe.nope=1", "unknown config key moe.nope"),
+    ("nosection.key=1", "unknown config key nosection"),
+    ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
+    ("parallel.tp=1.5", "parallel.tp: expected an integer"),
+    ("train.lr=fast", "train.lr: expected a number"),
+    ("checkpoint.load_optimizer=maybe", "checkpoint.load_optimizer: expected true/false"),
+    ("trainsteps", "expected section.key=value"),
+])
+def test_bad_keys_and_types(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(DEBUG_CONFIG, [override])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["moe.num_experts=6", "parallel.ep=4"], 4, r"moe\.num_experts \(6\) must be divisible by parallel\.ep \(4\)"),
+    (["parallel.tp=3"], 3, r"model\.num_attention_heads \(4\) must be divisible by parallel\.tp \(3\)"),
+    (["parallel.pp=3"], 3, r"model\.num_layers \(4\) must be divisible by parallel\.pp \(3\)"),
+    (["parallel.tp=2"], 3, r"world size \(3\) must be divisible by parallel\.tp\*parallel\.pp \(2\)"),
+    (["train.global_batch_size=6"], 4, r"train\.global_batch_size \(6\) must be divisible"),
+    (["moe.router=magic"], 1, r"moe\.router \('magic'\) must be one of: topk"),
+    (["moe.topk=5"], 1, r"moe\.topk \(5\) must be <= moe\.num_experts \(4\)"),
+    (["parallel.ep=4"], 2, r"must be divisible by parallel\.ep\*parallel\.etp \(4\)"),
+    (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, r"parallel\.sequence_parallel"),
+    (["train.min_lr=1.0"], 1, r"min_lr"),
+])
+def test_validation_names_fields_and_values(overrides, world, message):
+    cfg = load_config(DEBUG_CONFIG, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, world)
+
+
+def test_debug_config_is_valid_for_every_tested_layout():
+    for tp, pp, ep, world in [(1, 1, 1, 1), (2, 1, 1, 2), (1, 2, 1, 2), (1, 1, 2, 2), (2, 2, 1, 4),
+                              (1, 2, 2, 4), (2, 1, 2, 4), (1, 1, 4, 4)]:
+        cfg = load_config(DEBUG_CONFIG, [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                         f"parallel.ep={ep}"])
+        validate(cfg, world)
+
+
+def test_cli_bad_config_fails_before_training_with_one_line_and_exit_2():
+    proc = cli("train", "moe.num_experts=6", "parallel.ep=4")
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1, proc.stderr
+    assert "moe.num_experts (6)" in err[0] and "parallel.ep (4)" in err[0]
+    assert "step" not in proc.stdout
+
+
+def test_cli_missing_config_file():
+    proc = cli("train", config="/nonexistent.yaml")
+    assert proc.returncode == 2 and "config file /nonexistent.yaml does not exist" in proc.stderr
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "megatron_moe", "--help"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout

@@ -1,0 +1,71 @@
+"""Tier: unit. The CPU runtime layer: inert when CUDA is available, and what it changes on CPU.
+
+Each check runs in a fresh interpreter because the layer patches process-wide state.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO
+
+
+def _run(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_inert_when_cuda_is_available():
+    out = _run("""
+        from unittest import mock
+        import torch
+        from torch.overrides import _get_current_function_mode_stack
+        from megatron_moe.runtime import cpu_support
+        before = (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.get_rng_state,
+                  torch.nn.Module.cuda)
+        with mock.patch.object(torch.cuda, "is_available", return_value=True):
+            assert cpu_support.apply_cpu_support() is False
+            assert cpu_support.distributed_backend() == "nccl"
+        after = (torch.cuda.current_device, torch.cuda.Stream, torch.cuda.get_rng_state,
+                 torch.nn.Module.cuda)
+        assert before == after, "CUDA entry points were replaced on a CUDA machine"
+        assert not _get_current_function_mode_stack(), "a torch function mode was pushed"
+        assert not cpu_support.is_applied()
+        from megatron.core.tensor_parallel import mappings
+        assert mappings._gather_along_first_dim.__module__ == "megatron.core.tensor_parallel.mappings"
+        print("inert")
+    """)
+    assert "inert" in out
+
+
+def test_cpu_layer_maps_cuda_to_cpu():
+    out = _run("""
+        import torch
+        from megatron_moe.runtime.cpu_support import apply_cpu_support, distributed_backend
+        assert apply_cpu_support() is True and apply_cpu_support() is True  # idempotent
+        assert distributed_backend() == "gloo"
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
+        assert torch.ones(1).cuda().device.type == "cpu"
+        assert torch.ones(1).to("cuda").device.type == "cpu"
+        assert torch.empty(1, device=torch.cuda.current_device()).device.type == "cpu"
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1).type(torch.float64).dtype == torch.float64
+        with torch.cuda.stream(torch.cuda.Stream()):
+            torch.cuda.current_stream().wait_stream(torch.cuda.default_stream())
+        # megatron's RNG tracker forks and restores the generator CPU kernels use
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+        tracker = get_cuda_rng_tracker()
+        tracker.add("model-parallel-rng", 123)
+        torch.manual_seed(7); expected = torch.rand(3)
+        torch.manual_seed(7)
+        with tracker.fork():
+            inside = torch.rand(3)
+        after = torch.rand(3)
+        torch.manual_seed(123); assert torch.equal(inside, torch.rand(3))
+        assert torch.equal(after, expected)  # the default stream of numbers continued untouched
+        print("mapped")
+    """)
+    assert "mapped" in out
