@@ -43,7 +43,7 @@ def _user_errors():
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from megatron_moe.model.routers import ROUTERS
+    from megatron_moe.routing.routers import ROUTERS
     from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed
 
     try:

@@ -41,15 +41,48 @@ class ModelConfig:
 
 
 @dataclass
+class GatingDropoutConfig:
+    p: float = 0.0  # probability that an MoE layer-call ignores the gate's choice of rank
+    mode: str = "gate_drop"  # gate_drop (serve locally) | gate_expert_drop (skip routed experts)
+
+
+@dataclass
+class ThorConfig:
+    alpha: float = 1.0  # weight of the consistency (symmetric KL) loss
+    granularity: str = "batch"  # one random expert per layer for each copy: batch | sequence | token
+    inference: str = "random_sequence"  # random_sequence | random_token | ensemble
+
+
+@dataclass
+class SMoEDropoutConfig:
+    k_min: int = 1  # active experts at step 0
+    k_max: Optional[int] = None  # active experts at the end of the schedule (None = num_experts)
+    schedule: str = "linear"  # linear | cosine | exp | multistep
+    schedule_steps: Optional[int] = None  # steps from k_min to k_max (None = train.steps)
+    milestones: list = field(default_factory=list)  # multistep: [[step, k], ...], ascending steps
+    init_std: float = 0.02  # std of the frozen random router
+
+
+@dataclass
+class AdaptiveConfig:
+    threshold: float = 0.1  # a token uses two experts when q1 - q2 <= threshold
+
+
+@dataclass
 class MoEConfig:
     num_experts: int = 4  # experts per MoE layer
     topk: int = 2  # experts per token
-    router: str = "topk"  # routing method (see megatron_moe.model.routers.ROUTERS)
+    router: str = "topk"  # routing method topk | thor | smoe_dropout | adaptive
     dispatcher: str = "alltoall"  # token dispatcher: alltoall | allgather
     aux_loss_coeff: float = 0.01  # load-balancing loss coefficient (0 disables)
     z_loss_coeff: Optional[float] = None  # router z-loss coefficient
     capacity_factor: Optional[float] = None  # None = dropless
     grouped_gemm: bool = False  # grouped GEMM experts (needs TransformerEngine/CUDA)
+    eval_topk: Optional[int] = None  # smoe_dropout: experts per token in evaluation (None = k_max)
+    gating_dropout: GatingDropoutConfig = field(default_factory=GatingDropoutConfig)
+    thor: ThorConfig = field(default_factory=ThorConfig)
+    smoe_dropout: SMoEDropoutConfig = field(default_factory=SMoEDropoutConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 @dataclass
@@ -208,12 +241,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, value = parse_override(item)
         parts = key.split(".")
-        if len(parts) != 2:
-            raise ConfigError(f"--set {item!r}: keys have the form section.key")
-        section = data.setdefault(parts[0], {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"--set {item!r}: {parts[0]} is not a section")
-        section[parts[1]] = value
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: keys have the form section.key (or section.sub.key)")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        node[parts[-1]] = value
     return data
 
 
@@ -305,7 +340,46 @@ def validate(cfg: Config, world_size: int, routers=("topk",)) -> None:
                           f"({t.warmup_steps}) must satisfy 0 <= min_lr <= lr, lr > 0, warmup >= 0")
     if cfg.checkpoint.interval < 0 or t.eval_interval < 0:
         raise ConfigError("checkpoint.interval and train.eval_interval must be >= 0")
+    _validate_routing(cfg)
     _validate_parallel(cfg, world_size, groups)
+
+
+def _validate_routing(cfg: Config) -> None:
+    moe, t = cfg.moe, cfg.train
+    gd, thor, sd = moe.gating_dropout, moe.thor, moe.smoe_dropout
+    if not 0.0 <= gd.p <= 1.0:
+        raise ConfigError(f"moe.gating_dropout.p ({gd.p}) must be in [0, 1]")
+    _choice("moe.gating_dropout.mode", gd.mode, ("gate_drop", "gate_expert_drop"))
+    if gd.p > 0 and moe.router not in ("topk", "adaptive"):
+        raise ConfigError(f"moe.gating_dropout.p ({gd.p}) applies to moe.router topk or adaptive, "
+                          f"not {moe.router!r}")
+    if gd.p > 0 and cfg.model.recompute == "selective":
+        raise ConfigError("moe.gating_dropout.p > 0 with model.recompute (selective) is not "
+                          "supported; use full or none")
+    _choice("moe.thor.granularity", thor.granularity, ("batch", "sequence", "token"))
+    _choice("moe.thor.inference", thor.inference, ("random_sequence", "random_token", "ensemble"))
+    if thor.alpha < 0:
+        raise ConfigError(f"moe.thor.alpha ({thor.alpha}) must be >= 0")
+    _choice("moe.smoe_dropout.schedule", sd.schedule, ("linear", "cosine", "exp", "multistep"))
+    k_max = sd.k_max or moe.num_experts
+    if not 1 <= sd.k_min <= k_max <= moe.num_experts:
+        raise ConfigError(f"moe.smoe_dropout.k_min ({sd.k_min}) and k_max ({sd.k_max}) must satisfy "
+                          f"1 <= k_min <= k_max <= moe.num_experts ({moe.num_experts})")
+    if sd.schedule == "multistep":
+        steps = [m[0] for m in sd.milestones] if all(
+            isinstance(m, list) and len(m) == 2 for m in sd.milestones) else None
+        if not sd.milestones or steps is None or steps != sorted(steps) or any(
+                not 1 <= m[1] <= moe.num_experts for m in sd.milestones):
+            raise ConfigError(f"moe.smoe_dropout.milestones ({sd.milestones}) must be a non-empty "
+                              f"list of [step, k] with ascending steps and 1 <= k <= num_experts")
+    if moe.eval_topk is not None and not 1 <= moe.eval_topk <= moe.num_experts:
+        raise ConfigError(f"moe.eval_topk ({moe.eval_topk}) must be in [1, moe.num_experts "
+                          f"({moe.num_experts})]")
+    if moe.router == "adaptive" and moe.topk != 2:
+        raise ConfigError(f"moe.topk ({moe.topk}) must be 2 with moe.router adaptive "
+                          f"(one or two experts per token)")
+    if not 0.0 <= moe.adaptive.threshold <= 1.0:
+        raise ConfigError(f"moe.adaptive.threshold ({moe.adaptive.threshold}) must be in [0, 1]")
 
 
 def _validate_parallel(cfg: Config, world_size: int, groups: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_moe.routing.schedules import eval_topk
 from megatron_moe.training.setup import Run
 from megatron_moe.training.step import forward_backward
 
@@ -11,11 +12,18 @@ from megatron_moe.training.step import forward_backward
 def validation_loss(run: Run) -> float:
     """Same sequences in the same order on every layout, so the value is layout-independent."""
     run.ddp.eval()
+    saved = (run.context.step, run.context.topk)
+    run.context.topk = eval_topk(run.cfg.moe) if run.cfg.moe.router == "smoe_dropout" else None
     loss_sum, tokens = 0.0, 0.0
     with torch.no_grad():
         for i in range(run.cfg.train.eval_iters):
+            run.context.start_step(i)  # inference routing draws are a function of the batch index
             batches = run.batches(run.valid_samples, i, shuffle=False)
-            s, n = forward_backward(run.ddp, batches, run.cfg.model.seq_length, forward_only=True)
+            s, n = forward_backward(run.ddp, batches, run.cfg.model.seq_length, forward_only=True,
+                                    forward_step_func=run.forward_step)["lm_loss"]
             loss_sum, tokens = loss_sum + s, tokens + n
+    run.context.start_step(saved[0])
+    run.context.topk = saved[1]
+    run.context.reset_stats()
     run.ddp.train()
     return loss_sum / tokens

@@ -13,32 +13,47 @@ from megatron_moe.checkpointing import load_checkpoint, save_checkpoint
 from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.evaluation import validation_loss
-from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses
+from megatron_moe.routing.schedules import scheduled_topk
+from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
 from megatron_moe.training.setup import Run, setup_run
 from megatron_moe.training.step import forward_backward
 
 
-def train_step(run: Run, step: int) -> dict:
-    """Forward/backward over the step's global batch, then one optimizer + LR update."""
+def train_step(run: Run, step: int) -> tuple[dict, dict]:
+    """Forward/backward over the step's global batch, then one optimizer + LR update.
+
+    Returns the step's log values and the per-MoE-layer routing values.
+    """
     started = time.perf_counter()
+    run.context.start_step(step)
+    if run.cfg.moe.router == "smoe_dropout":
+        run.context.topk = scheduled_topk(run.cfg.moe, run.cfg.train.steps, step)
     batches = run.batches(run.train_samples, step, shuffle=True)
     run.ddp.train()
     run.ddp.zero_grad_buffer()
     run.optimizer.zero_grad()
-    loss_sum, tokens = forward_backward(run.ddp, batches, run.cfg.model.seq_length,
-                                        forward_only=False)
+    reports = forward_backward(run.ddp, batches, run.cfg.model.seq_length, forward_only=False,
+                               forward_step_func=run.forward_step, duplicated=run.duplicated)
     _, grad_norm, _ = run.optimizer.step()
     run.scheduler.step(increment=1)
     aux = moe_aux_losses(run.cfg, run.tconfig, len(batches))
+    routing, per_layer = routing_metrics(run.cfg, run.context.reset_stats())
     elapsed = time.perf_counter() - started
-    return {
+    loss_sum, tokens = reports["lm_loss"]
+    values = {
         "loss": loss_sum / tokens,
         "aux_loss": aux.get("load_balancing_loss"),
         "lr": run.optimizer.param_groups[0]["lr"],
         "grad_norm": grad_norm,
         "tokens_per_s": tokens / elapsed,
         "step_time_s": elapsed,
+        **routing,
     }
+    if "consistency_loss" in reports:
+        values["consistency_loss"] = reports["consistency_loss"][0] / reports["consistency_loss"][1]
+    if run.context.topk is not None:
+        values["k"] = run.context.topk
+    return values, per_layer
 
 
 def train(cfg: Config, env: LaunchEnv) -> list[float]:
@@ -51,10 +66,11 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
         logger.note(f"resumed from {cfg.checkpoint.load} at step {start}")
     losses = []
     for step in range(start, cfg.train.steps):
-        values = train_step(run, step)
+        values, per_layer = train_step(run, step)
         losses.append(values["loss"])
         done = step + 1
         logger.record_step(done, values)
+        logger.log_layers(done, per_layer)
         if done % cfg.logging.interval == 0 or done == cfg.train.steps or done == start + 1:
             logger.log_step(done, cfg.train.steps, values)
         if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:

@@ -14,6 +14,8 @@ from megatron_moe.data.batches import MicroBatch, PackedSamples, global_batch_in
 from megatron_moe.data.corpus import read_documents
 from megatron_moe.data.tokenizer import build_tokenizer, pack_documents
 from megatron_moe.model.build import build_model, transformer_config
+from megatron_moe.routing.context import RoutingContext
+from megatron_moe.training.step import make_forward_step
 from megatron_moe.runtime.cpu_support import compute_device
 from megatron_moe.runtime.distributed import LaunchEnv, init_distributed, is_main_rank
 from megatron_moe.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -27,8 +29,15 @@ class Run:
     ddp: torch.nn.Module  # the same, wrapped in megatron's DDP
     train_samples: Optional[PackedSamples]
     valid_samples: PackedSamples
+    context: RoutingContext  # shared with every MoE layer: step, micro-batch, k, statistics
+    forward_step: Any  # the schedule's forward-step function
     optimizer: Any = None
     scheduler: Any = None
+
+    @property
+    def duplicated(self) -> bool:
+        """THOR trains on duplicated micro-batches."""
+        return self.cfg.moe.router == "thor"
 
     def batches(self, samples: PackedSamples, step: int, shuffle: bool) -> list[MicroBatch]:
         t = self.cfg.train
@@ -62,13 +71,16 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool) -> Run:
          f"dp={parallel_state.get_data_parallel_world_size()} on {compute_device()}")
     # 3. model of this pipeline stage, wrapped in DDP
     tconfig = transformer_config(cfg)
-    model = build_model(cfg, tconfig, tokenizer.vocab_size)
+    context = RoutingContext(seed=cfg.train.seed)
+    model = build_model(cfg, tconfig, tokenizer.vocab_size, context)
     ddp = wrap_ddp(cfg, tconfig, model)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model built in {time.perf_counter() - started:.1f}s: {n_params:,} parameters on rank 0 "
          f"(stage {parallel_state.get_pipeline_model_parallel_rank()}), "
          f"{len(train_samples) if train_samples else 0} train / {len(valid_samples)} valid sequences")
-    run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples)
+    thor_alpha = cfg.moe.thor.alpha if cfg.moe.router == "thor" else None
+    run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples, context,
+              make_forward_step(context, thor_alpha))
     # 4. optimizer and schedule
     if training:
         run.optimizer = build_optimizer(cfg, tconfig, ddp)

@@ -3,6 +3,10 @@
 Losses are per-token sums with token counts (``calculate_per_token_loss``): megatron divides the
 gradients by the global token count in ``finalize_model_grads``, so the update equals that of one
 process holding the whole global batch, whatever the TP/PP/EP/DP layout.
+
+THOR (``moe.router: thor``) trains on each micro-batch duplicated along the batch dimension,
+``[x; x]``; its loss (two cross-entropies and the consistency term) is computed on the last
+stage from vocab-parallel logits, see :mod:`megatron_moe.routing.thor_loss`.
 """
 
 from __future__ import annotations
@@ -14,48 +18,79 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe.data.batches import MicroBatch
+from megatron_moe.routing.context import RoutingContext
+from megatron_moe.routing.thor_loss import thor_loss
 from megatron_moe.runtime.cpu_support import compute_device
+
+
+def _report(**values) -> dict:
+    return {k: torch.stack([s.detach().float(), n.detach().float()]) for k, (s, n) in values.items()}
 
 
 def loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
     """(sum of masked token losses, token count, values to report) as megatron's schedule expects."""
     mask = loss_mask_BS.reshape(-1).float()
     loss_sum = torch.sum(output_BS.reshape(-1).float() * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.detach().float()])
-    return loss_sum, num_tokens, {"lm_loss": report}
+    num_tokens = mask.sum()
+    return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(loss_sum, num_tokens))
 
 
-def forward_step(data_iterator, model):
-    batch: MicroBatch = next(data_iterator)
-    output_BS = model(batch.tokens_BS, batch.position_ids_BS, attention_mask=None,
-                      labels=batch.labels_BS)
-    return output_BS, partial(loss_func, batch.loss_mask_BS)
+def thor_loss_func(labels_2BS, loss_mask_2BS, alpha: float, logits_2BSV: torch.Tensor):
+    loss_sum, num_tokens, ce_sum, cr_sum = thor_loss(logits_2BSV, labels_2BS, loss_mask_2BS, alpha)
+    return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(ce_sum, num_tokens),
+                                                       consistency_loss=(cr_sum, num_tokens))
 
 
-def forward_backward(model, batches: list[MicroBatch], seq_length: int, forward_only: bool):
-    """Run the schedule; return (summed loss, token count) over this step, identical on all ranks."""
+def _twice(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t], dim=0)
+
+
+def make_forward_step(context: RoutingContext, thor_alpha=None):
+    """The schedule's forward-step function; advances the context's micro-batch counter."""
+
+    def forward_step(data_iterator, model):
+        batch: MicroBatch = next(data_iterator)
+        context.next_microbatch()
+        if thor_alpha is not None and model.training:
+            logits_2BSV = model(_twice(batch.tokens_BS), _twice(batch.position_ids_BS),
+                                attention_mask=None)
+            return logits_2BSV, partial(thor_loss_func, _twice(batch.labels_BS),
+                                        _twice(batch.loss_mask_BS), thor_alpha)
+        output_BS = model(batch.tokens_BS, batch.position_ids_BS, attention_mask=None,
+                          labels=batch.labels_BS)
+        return output_BS, partial(loss_func, batch.loss_mask_BS)
+
+    return forward_step
+
+
+def forward_backward(model, batches: list[MicroBatch], seq_length: int, forward_only: bool,
+                     forward_step_func, duplicated: bool = False) -> dict:
+    """Run the schedule; return {name: (sum, token count)} over this step, identical on all ranks."""
     schedule = get_forward_backward_func()
     reports = schedule(
-        forward_step_func=forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=iter(batches),
         model=[model],
         num_microbatches=len(batches),
         seq_length=seq_length,
-        micro_batch_size=batches[0].tokens_BS.shape[0],
+        micro_batch_size=batches[0].tokens_BS.shape[0] * (2 if duplicated else 1),
         forward_only=forward_only,
     )
-    return reduce_loss(reports)
+    return reduce_reports(reports)
 
 
-def reduce_loss(reports) -> tuple[float, float]:
-    """Sum the last stage's (loss, tokens) over data-parallel ranks and share them with every rank."""
-    total = torch.zeros(2, dtype=torch.float64, device=compute_device())
+def reduce_reports(reports) -> dict:
+    """Sum the last stage's reports over data-parallel ranks and share them with every rank."""
+    names = ["lm_loss", "consistency_loss"]
+    total = torch.zeros(len(names), 2, dtype=torch.float64, device=compute_device())
     is_reporter = (parallel_state.is_pipeline_last_stage()
                    and parallel_state.get_tensor_model_parallel_rank() == 0)
     if is_reporter:
         for report in reports:
-            total += report["lm_loss"].to(total)
+            for i, name in enumerate(names):
+                if name in report:
+                    total[i] += report[name].to(total)
     if torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(total)
-    return float(total[0]), float(total[1])
+    return {name: (float(total[i, 0]), float(total[i, 1])) for i, name in enumerate(names)
+            if total[i, 1] > 0}
