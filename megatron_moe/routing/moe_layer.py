@@ -69,7 +69,7 @@ class RoutedMoELayer(MoELayer):
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
         dropped = self._drop_decision()
         if dropped and self.moe_cfg.gating_dropout.mode == "gate_expert_drop":
-            output = torch.zeros_like(hidden_states)
+            output = 0.0 * hidden_states + self._zero_gradient_tie()  # zero, but graph-connected
             if self.use_shared_expert:
                 output = output + self.shared_experts(hidden_states)
             return output, None
@@ -83,6 +83,20 @@ class RoutedMoELayer(MoELayer):
             if self._first_pass():
                 self.context.stats[self.layer_number].ep_bytes += (
                     self.main_dispatcher.sent_bytes - sent_before)
+
+    def _zero_gradient_tie(self) -> torch.Tensor:
+        """0 * sum(skipped parameters): an exact zero gradient for the router and routed experts.
+
+        (The output is also tied to the input by ``0 * hidden_states``, for the same reason: the
+        pre-MLP norm's weight must report its zero gradient too.)
+
+        megatron's DDP with ``overlap_grad_reduce`` issues a bucket's reduction once every
+        parameter in it has reported a gradient (counted against the first step); parameters a
+        dropped call skips would otherwise never report, and the step would fail or hang.
+        """
+        skipped = [p for p in (*self.router.parameters(), *self.experts.parameters())
+                   if p.requires_grad]
+        return 0.0 * sum(p.sum() for p in skipped) if skipped else 0.0
 
     def route(self, hidden_states, padding_mask=None):
         probs_TE, routing_map_TE = super().route(hidden_states, padding_mask)

@@ -21,6 +21,9 @@ What it changes, and why (each item is one function below):
    is safer than patching each call site. The same mode answers ``Tensor.type()`` (no argument,
    the type *name*) with the CUDA name, e.g. ``torch.cuda.FloatTensor``: megatron's optimizers and
    ``clip_grads`` assert on or branch by those names to decide how to treat a parameter.
+   PyTorch runs autograd backward functions with an empty mode stack, so the mode is entered
+   again around megatron's ``CheckpointFunction.backward``, where activation recomputation
+   replays the forward (and its ``device="cuda"`` calls) inside backward.
 2. ``torch.cuda.current_device`` returns ``torch.device("cpu")`` so ``device=current_device()``
    allocates on the CPU. ``Module.cuda`` is a no-op.
 3. ``torch.cuda.Stream/Event/stream/current_stream/default_stream/synchronize`` become no-op
@@ -126,6 +129,15 @@ class _CudaToCpuMode(TorchFunctionMode):
 def _install_device_rewrite() -> None:
     # Pushed once and never popped: the mode stays active for the life of the process.
     _CudaToCpuMode().__enter__()
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    replay = CheckpointFunction.backward
+
+    def backward(ctx, *grads):
+        with _CudaToCpuMode():
+            return replay(ctx, *grads)
+
+    CheckpointFunction.backward = staticmethod(backward)
     torch.cuda.current_device = lambda: _CPU
     torch.nn.Module.cuda = lambda self, device=None: self
 
