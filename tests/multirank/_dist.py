@@ -1,0 +1,123 @@
+"""Spawn N gloo ranks with megatron's parallel state initialised; build MoE layers from our specs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import DEBUG_CONFIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args, errors):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        fn(rank, world, *args)
+    except BaseException:  # report the worker's traceback in the test failure
+        errors[rank] = traceback.format_exc()
+        raise
+    finally:
+        from megatron_moe.runtime.distributed import shutdown_distributed
+
+        shutdown_distributed()
+
+
+def spawn(fn, world: int, *args) -> None:
+    errors = mp.Manager().dict()
+    try:
+        mp.spawn(_entry, args=(world, _free_port(), fn, args, errors), nprocs=world, join=True)
+    except Exception as e:
+        raise AssertionError("\n".join(errors.values()) or str(e)) from None
+
+
+def init(rank: int, world: int, overrides: list[str]):
+    """Process group + megatron groups for the debug config with ``overrides``; returns cfg."""
+    from megatron_moe.config import load_config, validate
+    from megatron_moe.runtime.distributed import LaunchEnv, init_distributed
+
+    cfg = load_config(DEBUG_CONFIG, overrides)
+    validate(cfg, world)
+    init_distributed(cfg, LaunchEnv(rank, world, rank, "127.0.0.1",
+                                    int(os.environ["MASTER_PORT"]), "torchrun"))
+    return cfg
+
+
+def build_moe_layer(cfg, context=None, megatron_plain: bool = False, tconfig=None):
+    """One MoE layer (layer number 1) as our spec builds it, or megatron's own MoELayer."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_moe.model.build import transformer_config
+    from megatron_moe.model.spec import decoder_block_spec
+    from megatron_moe.routing.context import RoutingContext
+    from megatron_moe.routing.routers import CONTEXT_ROUTERS, ROUTERS
+
+    tconfig = tconfig or transformer_config(cfg)
+    context = context or RoutingContext(seed=cfg.train.seed)
+    if megatron_plain:
+        spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False,
+                                          normalization="RMSNorm")
+    else:
+        router = ROUTERS[cfg.moe.router]
+        if cfg.moe.router in CONTEXT_ROUTERS:
+            from functools import partial
+
+            router = partial(router, context=context, moe_cfg=cfg.moe)
+        spec = decoder_block_spec(tconfig, router, {"context": context, "moe_cfg": cfg.moe})
+    layer = build_module(spec.layer_specs[0].submodules.mlp, config=tconfig)
+    layer.set_layer_number(1)
+    return layer, context
+
+
+class CollectiveCounter:
+    """Counts collectives issued on process groups of more than one rank (torch.distributed and
+    megatron's captured aliases), while active."""
+
+    NAMES = ("all_to_all_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_tensor",
+             "reduce_scatter", "all_reduce", "broadcast")
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self._saved = []
+
+    def __enter__(self):
+        from megatron.core.tensor_parallel import mappings
+
+        for owner, names in ((dist, self.NAMES),
+                             (mappings, ("dist_all_gather_func", "dist_reduce_scatter_func"))):
+            for name in names:
+                original = getattr(owner, name)
+                self._saved.append((owner, name, original))
+                setattr(owner, name, self._wrap(name, original))
+        return self
+
+    def _wrap(self, name, original):
+        def counted(*args, **kwargs):
+            group = kwargs.get("group")
+            if group is None:
+                group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+            size = (group or dist.group.WORLD).size()
+            if size > 1:
+                self.calls.append(name)
+            return original(*args, **kwargs)
+
+        return counted
+
+    def __exit__(self, *exc):
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+
+
+def rank_input(rank: int, shape=(8, 2, 64), seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    return torch.randn(shape, generator=g)
