@@ -305,7 +305,8 @@ def moe_layer_pattern(m: ModelConfig) -> list[int]:
     return list(m.moe_layer_freq)
 
 
-def validate(cfg: Config, world_size: int, routers=("topk",)) -> None:
+def validate(cfg: Config, world_size: int,
+             routers=("topk", "thor", "smoe_dropout", "adaptive")) -> None:
     """Check every cross-field constraint for ``world_size`` ranks; raise ConfigError on the first."""
     m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
     _positive(cfg, "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",

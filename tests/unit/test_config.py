@@ -37,7 +37,7 @@ def test_bad_keys_and_types(override, message):
     (["parallel.pp=3"], 3, r"model\.num_layers \(4\) must be divisible by parallel\.pp \(3\)"),
     (["parallel.tp=2"], 3, r"world size \(3\) must be divisible by parallel\.tp\*parallel\.pp \(2\)"),
     (["train.global_batch_size=6"], 4, r"train\.global_batch_size \(6\) must be divisible"),
-    (["moe.router=magic"], 1, r"moe\.router \('magic'\) must be one of: topk"),
+    (["moe.router=magic"], 1, r"moe\.router \('magic'\) must be one of: adaptive, smoe_dropout, thor, topk"),
     (["moe.topk=5"], 1, r"moe\.topk \(5\) must be <= moe\.num_experts \(4\)"),
     (["parallel.ep=4"], 2, r"must be divisible by parallel\.ep\*parallel\.etp \(4\)"),
     (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, r"parallel\.sequence_parallel"),
