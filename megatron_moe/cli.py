@@ -17,7 +17,8 @@ import json
 import sys
 import warnings
 
-from megatron_moe.config import ConfigError, load_config, validate
+from megatron_moe.config import ConfigError, load_config
+from megatron_moe.validation import validate
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 Every field has a docstring-style comment. :func:`load_config` reads a YAML file, applies overrides,
 rejects unknown keys and wrong types, and :func:`validate` checks every cross-field constraint
-against the world size *before* any process group exists. User errors raise :class:`ConfigError`
+against the world size *before* any process group exists (:mod:`megatron_moe.validation`). User errors raise :class:`ConfigError`
 (a ``ValueError``) whose message names the field paths and their values.
 """
 
@@ -274,26 +274,8 @@ def to_dict(cfg: Config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Derived values (validation: megatron_moe/validation.py)
 # ---------------------------------------------------------------------------------------------
-def _choice(path: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{path} ({value!r}) must be one of: {', '.join(sorted(choices))}")
-
-
-def _positive(cfg: Config, *paths: str) -> None:
-    for path in paths:
-        section, key = path.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{path} ({value}) must be positive")
-
-
-def _divisible(a_path: str, a: int, b_path: str, b: int) -> None:
-    if a % b != 0:
-        raise ConfigError(f"{a_path} ({a}) must be divisible by {b_path} ({b})")
-
-
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     p = cfg.parallel
     return world_size // (p.tp * p.pp)
@@ -303,114 +285,3 @@ def moe_layer_pattern(m: ModelConfig) -> list[int]:
     if isinstance(m.moe_layer_freq, int):
         return [1 if i % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
     return list(m.moe_layer_freq)
-
-
-def validate(cfg: Config, world_size: int,
-             routers=("topk", "thor", "smoe_dropout", "adaptive")) -> None:
-    """Check every cross-field constraint for ``world_size`` ranks; raise ConfigError on the first."""
-    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    _positive(cfg, "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
-              "model.num_attention_heads", "model.num_query_groups", "model.seq_length",
-              "moe.num_experts", "moe.topk", "parallel.tp", "parallel.pp", "parallel.ep",
-              "parallel.etp", "train.steps", "train.micro_batch_size", "train.global_batch_size",
-              "train.eval_iters", "logging.interval", "model.make_vocab_size_divisible_by")
-    _choice("moe.router", moe.router, routers)
-    _choice("moe.dispatcher", moe.dispatcher, ("alltoall", "allgather"))
-    _choice("model.recompute", m.recompute, ("none", "full", "selective"))
-    _choice("train.lr_decay", t.lr_decay, ("constant", "linear", "cosine"))
-    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
-    _choice("data.tokenizer", cfg.data.tokenizer, ("byte",))
-    if moe.topk > moe.num_experts:
-        raise ConfigError(f"moe.topk ({moe.topk}) must be <= moe.num_experts ({moe.num_experts})")
-    if m.hidden_size % m.num_attention_heads:
-        _divisible("model.hidden_size", m.hidden_size, "model.num_attention_heads",
-                   m.num_attention_heads)
-    groups = m.num_query_groups or m.num_attention_heads
-    _divisible("model.num_attention_heads", m.num_attention_heads, "model.num_query_groups", groups)
-    if (m.hidden_size // m.num_attention_heads) % 2:
-        raise ConfigError(f"model.hidden_size/model.num_attention_heads "
-                          f"({m.hidden_size // m.num_attention_heads}) must be even for RoPE")
-    pattern = moe_layer_pattern(m)
-    if len(pattern) != m.num_layers or any(x not in (0, 1) for x in pattern):
-        raise ConfigError(f"model.moe_layer_freq ({m.moe_layer_freq}) must be a positive int or a "
-                          f"list of {m.num_layers} zeros/ones (model.num_layers)")
-    if not any(pattern):
-        raise ConfigError(f"model.moe_layer_freq ({m.moe_layer_freq}) leaves no MoE layer")
-    if t.warmup_steps < 0 or t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        raise ConfigError(f"train.lr ({t.lr}), train.min_lr ({t.min_lr}) and train.warmup_steps "
-                          f"({t.warmup_steps}) must satisfy 0 <= min_lr <= lr, lr > 0, warmup >= 0")
-    if cfg.checkpoint.interval < 0 or t.eval_interval < 0:
-        raise ConfigError("checkpoint.interval and train.eval_interval must be >= 0")
-    _validate_routing(cfg)
-    _validate_parallel(cfg, world_size, groups)
-
-
-def _validate_routing(cfg: Config) -> None:
-    moe, t = cfg.moe, cfg.train
-    gd, thor, sd = moe.gating_dropout, moe.thor, moe.smoe_dropout
-    if not 0.0 <= gd.p <= 1.0:
-        raise ConfigError(f"moe.gating_dropout.p ({gd.p}) must be in [0, 1]")
-    _choice("moe.gating_dropout.mode", gd.mode, ("gate_drop", "gate_expert_drop"))
-    if gd.p > 0 and moe.router not in ("topk", "adaptive"):
-        raise ConfigError(f"moe.gating_dropout.p ({gd.p}) applies to moe.router topk or adaptive, "
-                          f"not {moe.router!r}")
-    if gd.p > 0 and cfg.model.recompute == "selective":
-        raise ConfigError("moe.gating_dropout.p > 0 with model.recompute (selective) is not "
-                          "supported; use full or none")
-    _choice("moe.thor.granularity", thor.granularity, ("batch", "sequence", "token"))
-    _choice("moe.thor.inference", thor.inference, ("random_sequence", "random_token", "ensemble"))
-    if thor.alpha < 0:
-        raise ConfigError(f"moe.thor.alpha ({thor.alpha}) must be >= 0")
-    _choice("moe.smoe_dropout.schedule", sd.schedule, ("linear", "cosine", "exp", "multistep"))
-    k_max = sd.k_max or moe.num_experts
-    if not 1 <= sd.k_min <= k_max <= moe.num_experts:
-        raise ConfigError(f"moe.smoe_dropout.k_min ({sd.k_min}) and k_max ({sd.k_max}) must satisfy "
-                          f"1 <= k_min <= k_max <= moe.num_experts ({moe.num_experts})")
-    if sd.schedule == "multistep":
-        steps = [m[0] for m in sd.milestones] if all(
-            isinstance(m, list) and len(m) == 2 for m in sd.milestones) else None
-        if not sd.milestones or steps is None or steps != sorted(steps) or any(
-                not 1 <= m[1] <= moe.num_experts for m in sd.milestones):
-            raise ConfigError(f"moe.smoe_dropout.milestones ({sd.milestones}) must be a non-empty "
-                              f"list of [step, k] with ascending steps and 1 <= k <= num_experts")
-    if moe.eval_topk is not None and not 1 <= moe.eval_topk <= moe.num_experts:
-        raise ConfigError(f"moe.eval_topk ({moe.eval_topk}) must be in [1, moe.num_experts "
-                          f"({moe.num_experts})]")
-    if moe.router == "adaptive" and moe.topk != 2:
-        raise ConfigError(f"moe.topk ({moe.topk}) must be 2 with moe.router adaptive "
-                          f"(one or two experts per token)")
-    if not 0.0 <= moe.adaptive.threshold <= 1.0:
-        raise ConfigError(f"moe.adaptive.threshold ({moe.adaptive.threshold}) must be in [0, 1]")
-
-
-def _validate_parallel(cfg: Config, world_size: int, groups: int) -> None:
-    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
-    _divisible("world size", world_size, "parallel.tp*parallel.pp", p.tp * p.pp)
-    dp = data_parallel_size(cfg, world_size)
-    _divisible("moe.num_experts", moe.num_experts, "parallel.ep", p.ep)
-    _divisible("model.num_attention_heads", m.num_attention_heads, "parallel.tp", p.tp)
-    _divisible("model.num_query_groups", groups, "parallel.tp", p.tp)
-    _divisible("model.num_layers", m.num_layers, "parallel.pp", p.pp)
-    _divisible("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.tp", p.tp)
-    _divisible("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.etp", p.etp)
-    _divisible("model.seq_length", m.seq_length, "parallel.tp", p.tp)
-    _divisible("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by, "parallel.tp",
-               p.tp)
-    _divisible(f"parallel.tp*data-parallel size (world size {world_size})", p.tp * dp,
-               "parallel.ep*parallel.etp", p.ep * p.etp)
-    if p.sequence_parallel is False and p.tp > 1:
-        raise ConfigError(f"parallel.sequence_parallel (false) must be on with parallel.tp "
-                          f"({p.tp}) > 1: megatron-core's MoE layer requires it")
-    _divisible("train.global_batch_size", t.global_batch_size,
-               f"train.micro_batch_size*data-parallel size ({t.micro_batch_size}*{dp})",
-               t.micro_batch_size * dp)
-    if moe.grouped_gemm and not _has_te():
-        raise ConfigError("moe.grouped_gemm (true) needs TransformerEngine, which is not importable")
-
-
-def _has_te() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True

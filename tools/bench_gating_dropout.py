@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_moe.config import load_config, validate  # noqa: E402
+from megatron_moe.config import load_config  # noqa: E402
 from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed  # noqa: E402
+from megatron_moe.validation import validate  # noqa: E402
 
 DEFAULTS = ["parallel.ep=2", "model.hidden_size=128", "model.ffn_hidden_size=256",
             "model.seq_length=128", "train.micro_batch_size=4", "train.global_batch_size=8",

@@ -42,7 +42,8 @@ def spawn(fn, world: int, *args) -> None:
 
 def init(rank: int, world: int, overrides: list[str]):
     """Process group + megatron groups for the debug config with ``overrides``; returns cfg."""
-    from megatron_moe.config import load_config, validate
+    from megatron_moe.config import load_config
+    from megatron_moe.validation import validate
     from megatron_moe.runtime.distributed import LaunchEnv, init_distributed
 
     cfg = load_config(DEBUG_CONFIG, overrides)

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from megatron_moe.config import ConfigError, load_config, validate
+from megatron_moe.config import ConfigError, load_config
+from megatron_moe.validation import validate
 from tests.conftest import DEBUG_CONFIG, REPO, cli
 
 
