@@ -109,3 +109,17 @@ def test_smoe_dropout_router_frozen_and_k_follows_schedule(tmp_path):
     proc = check(cli("evaluate", *common, f"checkpoint.load={ckpt}", "moe.eval_topk=1"))
     proc4 = check(cli("evaluate", *common, f"checkpoint.load={ckpt}", "moe.eval_topk=4"))
     assert proc.stdout.splitlines()[-1] != proc4.stdout.splitlines()[-1]  # k changes the model
+    # the self-slimming table: one checkpoint evaluated at every k
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    table = tmp_path / "sweep.csv"
+    sweep = subprocess.run([sys.executable, "tools/smoe_k_sweep.py", "--config",
+                            "examples/configs/debug.yaml", "--csv", str(table)]
+                           + [a for o in common + [f"checkpoint.load={ckpt}"] for a in ("--set", o)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    rows = table.read_text().splitlines()
+    assert rows[0] == "k,loss" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
