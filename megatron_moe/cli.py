@@ -5,6 +5,8 @@
         --set parallel.tp=2 --set parallel.ep=2
     srun --ntasks 8 python -m megatron_moe train --config my.yaml      # one task per GPU
     python -m megatron_moe evaluate --config examples/configs/debug.yaml --set checkpoint.load=DIR
+    python -m megatron_moe preprocess --train train.tsv.xz --valid valid.tsv.xz --output data/x
+    python -m megatron_moe translate --config C --set checkpoint.load=DIR --input src.tsv
 
 User errors (config, data, checkpoint) print one line ``error: ...`` and exit with status 2, before
 any training starts.
@@ -26,19 +28,28 @@ def _parser() -> argparse.ArgumentParser:
                                  description="MoE training on megatron-core.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "train (or resume) a model"),
-                        ("evaluate", "validation loss of a checkpoint, printed last as JSON")):
+                        ("evaluate", "validation loss (and BLEU/chrF for translation) of a "
+                                     "checkpoint, printed last as JSON"),
+                        ("translate", "translate 'lang<TAB>source' lines from --input or stdin")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML config file (defaults apply to missing keys)")
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+        if name == "translate":
+            p.add_argument("--input", help="file of 'lang<TAB>source' lines (default: stdin)")
+            p.add_argument("--lang", help="language of every line (then lines are plain sources)")
+    from megatron_moe.data.preprocess_cli import add_parser as add_preprocess
+
+    add_preprocess(sub)
     return ap
 
 
 def _user_errors():
     from megatron_moe.checkpointing import CheckpointError
     from megatron_moe.data.corpus import DataError
+    from megatron_moe.generation import GenerationError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, GenerationError)
 
 
 def main(argv=None) -> int:
@@ -47,20 +58,32 @@ def main(argv=None) -> int:
     from megatron_moe.routing.routers import ROUTERS
     from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed
 
+    if args.command == "preprocess":
+        from megatron_moe.data.preprocess_cli import run as run_preprocess
+
+        try:
+            return run_preprocess(args)
+        except _user_errors() as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     try:
         cfg = load_config(args.config, args.overrides)
         env = launch_env()
         validate(cfg, env.world_size, routers=ROUTERS)
-        if args.command == "evaluate" and not cfg.checkpoint.load:
-            raise ConfigError("evaluate needs checkpoint.load (--set checkpoint.load=DIR)")
+        if args.command != "train" and not cfg.checkpoint.load:
+            raise ConfigError(f"{args.command} needs checkpoint.load (--set checkpoint.load=DIR)")
+        if args.command == "translate" and cfg.data.format != "translation":
+            raise ConfigError("translate needs data.format=translation and data.dir")
         if args.command == "train":
             from megatron_moe.training.loop import train
 
             train(cfg, env)
+        elif args.command == "translate":
+            _translate(cfg, env, args)
         else:
-            loss = _evaluate(cfg, env)
+            result = _evaluate(cfg, env)
             if is_main_rank():
-                print(json.dumps({"loss": loss}), flush=True)
+                print(json.dumps(result), flush=True)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -69,11 +92,53 @@ def main(argv=None) -> int:
     return 0
 
 
-def _evaluate(cfg, env) -> float:
+def _load_for_inference(cfg, env):
     from megatron_moe.checkpointing import load_checkpoint
-    from megatron_moe.training.evaluation import validation_loss
     from megatron_moe.training.setup import setup_run
 
-    run = setup_run(cfg, env, training=False)
+    run = setup_run(cfg, env, training=False, inference=cfg.data.format == "translation")
     load_checkpoint(cfg.checkpoint.load, cfg, run.model)
-    return validation_loss(run)
+    return run
+
+
+def _evaluate(cfg, env) -> dict:
+    from megatron_moe.runtime.distributed import is_main_rank
+    from megatron_moe.training.evaluation import validation_loss
+
+    run = _load_for_inference(cfg, env)
+    result = {"loss": validation_loss(run)}
+    if cfg.data.format == "translation":
+        from megatron_moe.bleu import format_table
+        from megatron_moe.translation_eval import Translator
+
+        translator = Translator(run)
+        scores = translator.bleu(translator.test_pairs(), show_progress=is_main_rank())
+        if is_main_rank():
+            print(format_table(scores), flush=True)
+        result.update(scores)
+    return result
+
+
+def _translate(cfg, env, args) -> None:
+    from megatron_moe.data.corpus import DataError
+    from megatron_moe.runtime.distributed import is_main_rank
+    from megatron_moe.translation_eval import Translator
+
+    stream = open(args.input, encoding="utf-8") if args.input else sys.stdin
+    items = []
+    with stream:
+        for lineno, line in enumerate(stream, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if args.lang:
+                items.append((args.lang, line))
+            elif "\t" in line:
+                items.append(tuple(line.split("\t", 1)))
+            else:
+                raise DataError(f"{args.input or '<stdin>'}:{lineno}: expected 'lang<TAB>source' "
+                                f"(or pass --lang)")
+    translator = Translator(_load_for_inference(cfg, env))
+    for text in translator.translate(items):
+        if is_main_rank():
+            print(text, flush=True)

@@ -113,13 +113,21 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     eval_interval: int = 0  # validation every N steps (0 = only at the end)
     eval_iters: int = 2  # global batches per validation
+    time_budget_minutes: Optional[float] = None  # stop (and save) once training took this long
+    bleu_interval: int = 0  # translation: BLEU on the first bleu_pairs valid pairs every N steps
+    bleu_pairs: int = 200
 
 
 @dataclass
 class DataConfig:
+    format: str = "text"  # text: byte-level LM on *_path | translation: preprocessed data.dir
     train_path: Optional[str] = None  # TSV (lang<TAB>src<TAB>tgt) or .txt; None = bundled sample
     valid_path: Optional[str] = None  # likewise for validation; None = bundled sample
-    tokenizer: str = "byte"  # byte (UTF-8 bytes, no training needed)
+    tokenizer: str = "byte"  # text format: byte (UTF-8 bytes, no training needed)
+    dir: Optional[str] = None  # translation: output of `python -m megatron_moe preprocess`
+    temperature: float = 1.0  # translation: language sampling temperature (1 = proportional)
+    test_path: Optional[str] = None  # translation: raw test pairs for BLEU (None = dir's test split)
+    max_new_tokens: int = 64  # translation: longest generated target
 
 
 @dataclass

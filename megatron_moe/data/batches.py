@@ -36,22 +36,27 @@ class PackedSamples:
     def __len__(self) -> int:
         return self.num_samples
 
-    def get(self, index: int) -> np.ndarray:
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [seq_length + 1], loss mask [seq_length]): every label counts."""
         start = index * self.seq_length
-        return self.stream[start : start + self.seq_length + 1]
+        return (self.stream[start : start + self.seq_length + 1],
+                np.ones(self.seq_length, dtype=np.float32))
+
+    def order(self, epoch: int, seed: int) -> np.ndarray:
+        return np.random.default_rng([seed, int(epoch)]).permutation(len(self))
 
 
-def global_batch_indices(num_samples: int, step: int, global_batch: int, seed: int,
+def global_batch_indices(samples, step: int, global_batch: int, seed: int,
                          shuffle: bool) -> np.ndarray:
-    """Sample indices of global batch ``step``: epochs of seeded permutations, or in order."""
+    """Sample indices of global batch ``step``: the dataset's seeded epoch orders, or in order."""
+    num_samples = len(samples)
     positions = np.arange(step * global_batch, (step + 1) * global_batch)
     if not shuffle:
         return positions % num_samples
     epochs, offsets = np.divmod(positions, num_samples)
     out = np.empty_like(positions)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_samples)
-        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+        out[epochs == epoch] = samples.order(int(epoch), seed)[offsets[epochs == epoch]]
     return out
 
 
@@ -62,9 +67,10 @@ def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_
     mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     out = []
     for start in range(0, per_rank, micro_batch_size):
-        rows = np.stack([samples.get(int(i)) for i in mine[start : start + micro_batch_size]])
-        rows_BS1 = torch.from_numpy(rows.astype(np.int64)).to(device)
+        rows, masks = zip(*(samples.row(int(i)) for i in mine[start : start + micro_batch_size]))
+        rows_BS1 = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         tokens, labels = rows_BS1[:, :-1].contiguous(), rows_BS1[:, 1:].contiguous()
         positions = torch.arange(samples.seq_length, device=device).expand_as(tokens).contiguous()
-        out.append(MicroBatch(tokens, labels, torch.ones_like(labels, dtype=torch.float32), positions))
+        mask = torch.from_numpy(np.stack(masks)).to(device)
+        out.append(MicroBatch(tokens, labels, mask, positions))
     return out

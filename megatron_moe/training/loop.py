@@ -56,6 +56,30 @@ def train_step(run: Run, step: int) -> tuple[dict, dict]:
     return values, per_layer
 
 
+def _eta(elapsed: float, steps_done: int, steps_left: int, budget) -> float:
+    eta = elapsed / max(steps_done, 1) * steps_left
+    return min(eta, max(budget - elapsed, 0.0)) if budget is not None else eta
+
+
+def periodic_bleu(run: Run) -> str:
+    """BLEU on the first ``train.bleu_pairs`` validation pairs (translation, TP = 1)."""
+    if run.cfg.data.format != "translation" or run.cfg.parallel.tp > 1:
+        return "periodic BLEU skipped (needs data.format=translation and parallel.tp=1)"
+    from megatron_moe.data.pairs import Pair
+    from megatron_moe.translation_eval import Translator
+
+    translator = Translator(run)
+    samples, sp, langs = run.valid_samples, translator.sp, translator.meta["languages"]
+    pairs = []
+    for i in range(min(run.cfg.train.bleu_pairs, len(samples))):
+        head, tail = samples.pair(i)
+        pairs.append(Pair(langs[int(samples.langs[i])], sp.decode(head[1:-1].tolist()),
+                          sp.decode(tail[:-1].tolist())))
+    result = translator.bleu(pairs)
+    run.ddp.train()
+    return f"valid BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f} on {len(pairs)} pairs"
+
+
 def train(cfg: Config, env: LaunchEnv) -> list[float]:
     """Train ``cfg.train.steps`` steps (resuming from ``checkpoint.load``); return the step losses."""
     run = setup_run(cfg, env, training=True)
@@ -64,22 +88,33 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     if cfg.checkpoint.load:
         start = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer, run.scheduler)
         logger.note(f"resumed from {cfg.checkpoint.load} at step {start}")
-    losses = []
+    losses, started = [], time.perf_counter()
+    budget = cfg.train.time_budget_minutes * 60 if cfg.train.time_budget_minutes else None
     for step in range(start, cfg.train.steps):
         values, per_layer = train_step(run, step)
         losses.append(values["loss"])
         done = step + 1
+        elapsed = time.perf_counter() - started
+        out_of_time = budget is not None and elapsed >= budget
+        values["eta_s"] = _eta(elapsed, done - start, cfg.train.steps - done, budget)
         logger.record_step(done, values)
         logger.log_layers(done, per_layer)
-        if done % cfg.logging.interval == 0 or done == cfg.train.steps or done == start + 1:
+        last = done == cfg.train.steps or out_of_time
+        if done % cfg.logging.interval == 0 or last or done == start + 1:
             logger.log_step(done, cfg.train.steps, values)
         if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:
             logger.log_eval(done, validation_loss(run))
+        if cfg.train.bleu_interval and done % cfg.train.bleu_interval == 0:
+            logger.note(f"step {done}: {periodic_bleu(run)}")
         interval = cfg.checkpoint.interval
-        if cfg.checkpoint.save and ((interval and done % interval == 0) or done == cfg.train.steps):
+        if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
             path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
                                    run.scheduler)
             logger.note(f"saved checkpoint {path}")
-    logger.log_eval(cfg.train.steps, validation_loss(run))
+        if out_of_time:
+            logger.note(f"train.time_budget_minutes ({cfg.train.time_budget_minutes}) reached "
+                        f"after step {done}")
+            break
+    logger.log_eval(done if losses else start, validation_loss(run))
     logger.close()
     return losses

@@ -104,7 +104,8 @@ class MetricsLogger:
         for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("consistency_loss", ".4f"),
                          ("k", "d"), ("drop_rate", ".3f"), ("two_expert_frac", ".3f"),
                          ("ep_mbytes", ".3f"), ("ep_mbytes_saved", ".3f"), ("lr", ".3e"),
-                         ("grad_norm", ".3f"), ("tokens_per_s", ".0f"), ("step_time_s", ".3f")):
+                         ("grad_norm", ".3f"), ("tokens_per_s", ".0f"), ("step_time_s", ".3f"),
+                         ("eta_s", ".0f")):
             if values.get(key) is not None:
                 parts.append(f"{key} {values[key]:{fmt}}")
         print(" | ".join(parts), file=self.stream, flush=True)

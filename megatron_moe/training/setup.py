@@ -13,6 +13,7 @@ from megatron_moe.config import Config
 from megatron_moe.data.batches import MicroBatch, PackedSamples, global_batch_indices, micro_batches
 from megatron_moe.data.corpus import read_documents
 from megatron_moe.data.tokenizer import build_tokenizer, pack_documents
+from megatron_moe.data.translation import TranslationSamples, load_meta
 from megatron_moe.model.build import build_model, transformer_config
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.training.step import make_forward_step
@@ -41,7 +42,7 @@ class Run:
 
     def batches(self, samples: PackedSamples, step: int, shuffle: bool) -> list[MicroBatch]:
         t = self.cfg.train
-        indices = global_batch_indices(len(samples), step, t.global_batch_size, t.seed, shuffle)
+        indices = global_batch_indices(samples, step, t.global_batch_size, t.seed, shuffle)
         return micro_batches(samples, indices, parallel_state.get_data_parallel_rank(),
                              parallel_state.get_data_parallel_world_size(), t.micro_batch_size,
                              compute_device())
@@ -52,13 +53,28 @@ def _log(message: str) -> None:
         print(f"[megatron_moe] {message}", flush=True)
 
 
-def load_samples(cfg: Config, split: str, tokenizer) -> PackedSamples:
+def load_samples(cfg: Config, split: str, tokenizer):
+    if cfg.data.format == "translation":
+        samples = TranslationSamples(cfg.data.dir, split, cfg.model.seq_length,
+                                     cfg.data.temperature if split == "train" else 1.0)
+        if samples.num_truncated:
+            _log(f"{split}: {samples.num_truncated} of {len(samples)} pairs longer than "
+                 f"model.seq_length + 1 ({cfg.model.seq_length + 1} tokens) are truncated")
+        return samples
     path = cfg.data.train_path if split == "train" else cfg.data.valid_path
     docs = read_documents(path, split)
     return PackedSamples(pack_documents(tokenizer, docs), cfg.model.seq_length)
 
 
-def setup_run(cfg: Config, env: LaunchEnv, training: bool) -> Run:
+def vocab_size(cfg: Config, tokenizer) -> int:
+    if cfg.data.format == "translation":
+        return load_meta(cfg.data.dir)["vocab_size"]
+    return tokenizer.vocab_size
+
+
+def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = False) -> Run:
+    """``inference``: build without sequence parallelism, so single-token decoding steps work
+    under TP (megatron allows MoE with TP and no SP outside training)."""
     # 1. data first: bad input fails before any process group exists
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     train_samples = load_samples(cfg, "train", tokenizer) if training else None
@@ -71,8 +87,10 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool) -> Run:
          f"dp={parallel_state.get_data_parallel_world_size()} on {compute_device()}")
     # 3. model of this pipeline stage, wrapped in DDP
     tconfig = transformer_config(cfg)
+    if inference:
+        tconfig.sequence_parallel = False
     context = RoutingContext(seed=cfg.train.seed)
-    model = build_model(cfg, tconfig, tokenizer.vocab_size, context)
+    model = build_model(cfg, tconfig, vocab_size(cfg, tokenizer), context)
     ddp = wrap_ddp(cfg, tconfig, model)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model built in {time.perf_counter() - started:.1f}s: {n_params:,} parameters on rank 0 "

@@ -42,18 +42,22 @@ def test_corrupt_xz_is_reported(tmp_path):
         read_documents(str(path), "train")
 
 
+def _samples(n):
+    return PackedSamples(np.arange(n * 8 + 1, dtype=np.int32), seq_length=8)
+
+
 def test_global_batches_are_seeded_permutations():
-    a = global_batch_indices(100, 3, 8, seed=1, shuffle=True)
-    assert np.array_equal(a, global_batch_indices(100, 3, 8, seed=1, shuffle=True))
-    assert not np.array_equal(a, global_batch_indices(100, 3, 8, seed=2, shuffle=True))
-    epoch = np.concatenate([global_batch_indices(96, s, 8, 1, True) for s in range(12)])
+    a = global_batch_indices(_samples(100), 3, 8, seed=1, shuffle=True)
+    assert np.array_equal(a, global_batch_indices(_samples(100), 3, 8, seed=1, shuffle=True))
+    assert not np.array_equal(a, global_batch_indices(_samples(100), 3, 8, seed=2, shuffle=True))
+    epoch = np.concatenate([global_batch_indices(_samples(96), s, 8, 1, True) for s in range(12)])
     assert sorted(epoch.tolist()) == list(range(96))  # one epoch visits every sample once
-    assert global_batch_indices(10, 1, 8, 1, False).tolist() == [8, 9, 0, 1, 2, 3, 4, 5]
+    assert global_batch_indices(_samples(10), 1, 8, 1, False).tolist() == [8, 9, 0, 1, 2, 3, 4, 5]
 
 
 def test_data_parallel_slices_cover_the_global_batch():
     samples = PackedSamples(np.arange(1000, dtype=np.int32), seq_length=8)
-    indices = global_batch_indices(len(samples), 0, 8, 1, True)
+    indices = global_batch_indices(samples, 0, 8, 1, True)
     whole = micro_batches(samples, indices, 0, 1, 2, "cpu")
     parts = [mb for r in range(4) for mb in micro_batches(samples, indices, r, 4, 2, "cpu")]
     assert len(whole) == 4 and len(parts) == 4

@@ -1,0 +1,43 @@
+"""``python -m megatron_moe preprocess`` (also ``tools/preprocess_data.py``): arguments and run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_moe.data.preprocess import preprocess
+
+HELP = "train SentencePiece and write megatron indexed datasets from TSV/JSONL pairs"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("preprocess", help=HELP, description=HELP)
+    configure(p)
+    return p
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train", help="training pairs (TSV lang<TAB>src<TAB>tgt or JSONL, .xz ok); "
+                                   "default: the bundled L10N-10 sample")
+    p.add_argument("--valid", help="validation pairs (default: the bundled sample's)")
+    p.add_argument("--test", help="test pairs (default: the bundled sample's)")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2, help="tokenisation processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def run(args) -> int:
+    from megatron_moe.data.corpus import default_path
+
+    splits = {"train": args.train or default_path("train"),
+              "valid": args.valid or (None if args.train else default_path("valid")),
+              "test": args.test or (None if args.train else default_path("test"))}
+    meta = preprocess({k: v for k, v in splits.items() if v}, args.output, args.vocab_size,
+                      args.workers, args.seed, args.force)
+    counts = ", ".join(f"{k}: {v['pairs']} pairs / {v['tokens']} tokens"
+                       for k, v in meta["splits"].items())
+    print(f"wrote {args.output}: {len(meta['languages'])} languages, vocabulary "
+          f"{meta['vocab_size']}; {counts}", file=sys.stderr)
+    return 0
