@@ -42,10 +42,12 @@ def validate(cfg: Config, world_size: int,
     _choice("train.lr_decay", t.lr_decay, ("constant", "linear", "cosine"))
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("data.tokenizer", cfg.data.tokenizer, ("byte",))
-    _choice("data.format", cfg.data.format, ("text", "translation"))
-    if cfg.data.format == "translation" and not cfg.data.dir:
-        raise ConfigError("data.format (translation) needs data.dir, a directory written by "
-                          "python -m megatron_moe preprocess")
+    _choice("data.format", cfg.data.format, ("text", "translation", "lm"))
+    if cfg.data.format in ("translation", "lm") and not cfg.data.dir:
+        raise ConfigError(f"data.format ({cfg.data.format}) needs data.dir, a directory written "
+                          f"by python -m megatron_moe preprocess")
+    if cfg.data.bucket_window < 0:
+        raise ConfigError(f"data.bucket_window ({cfg.data.bucket_window}) must be >= 0")
     if cfg.data.temperature <= 0:
         raise ConfigError(f"data.temperature ({cfg.data.temperature}) must be positive")
     if moe.topk > moe.num_experts:

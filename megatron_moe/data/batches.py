@@ -61,8 +61,13 @@ def global_batch_indices(samples, step: int, global_batch: int, seed: int,
 
 
 def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_size: int,
-                  micro_batch_size: int, device) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of one global batch."""
+                  micro_batch_size: int, device, trim_multiple: int = 0) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of one global batch.
+
+    ``trim_multiple`` > 0 drops the padding columns to the right of every row's last loss
+    position, keeping a multiple of it: with causal attention the loss is unchanged, and short
+    translation pairs stop paying for ``seq_length`` (pipeline parallelism needs fixed shapes, so
+    the caller passes 0 there)."""
     per_rank = len(indices) // dp_size
     mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     out = []
@@ -72,5 +77,17 @@ def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_
         tokens, labels = rows_BS1[:, :-1].contiguous(), rows_BS1[:, 1:].contiguous()
         positions = torch.arange(samples.seq_length, device=device).expand_as(tokens).contiguous()
         mask = torch.from_numpy(np.stack(masks)).to(device)
+        if trim_multiple:
+            keep = _kept_columns(np.stack(masks), trim_multiple)
+            tokens, labels = tokens[:, :keep].contiguous(), labels[:, :keep].contiguous()
+            mask, positions = mask[:, :keep].contiguous(), positions[:, :keep].contiguous()
         out.append(MicroBatch(tokens, labels, mask, positions))
     return out
+
+
+def _kept_columns(masks_BS: np.ndarray, multiple: int) -> int:
+    """Columns up to the last loss position of any row, rounded up to ``multiple``."""
+    seq_length = masks_BS.shape[1]
+    used = np.flatnonzero(masks_BS.any(axis=0))
+    last = int(used[-1]) + 1 if len(used) else 1
+    return min(seq_length, -(-last // multiple) * multiple)

@@ -40,15 +40,16 @@ def lang_tag(lang: str) -> str:
     return f"<2{lang}>"
 
 
-def train_sentencepiece(pairs: list[Pair], directory: Path, vocab_size: int, seed: int,
+def train_sentencepiece(texts, directory: Path, vocab_size: int, seed: int,
                         languages: list[str]) -> str:
-    """Train ``directory/spm.model``. Run inside ``directory`` with relative names, because the
-    model records its input and prefix paths and must not depend on the temporary directory."""
+    """Train ``directory/spm.model`` on ``texts`` (strings). Run inside ``directory`` with relative
+    names, because the model records its input and prefix paths and must not depend on the
+    temporary directory."""
     import sentencepiece as spm
 
     with open(directory / "spm.train.txt", "w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(pair.src.replace("\n", " ") + "\n" + pair.tgt.replace("\n", " ") + "\n")
+        for text in texts:
+            f.write(text.replace("\n", " ") + "\n")
     spm.set_random_generator_seed(seed)
     cwd = os.getcwd()
     os.chdir(directory)
@@ -59,11 +60,19 @@ def train_sentencepiece(pairs: list[Pair], directory: Path, vocab_size: int, see
             eos_id=EOS, user_defined_symbols=[SEP] + [lang_tag(lang) for lang in languages],
             num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2,
             hard_vocab_limit=True,
+            # lossless: decode(encode(x)) == x for every input (no normalisation, rare
+            # characters as UTF-8 bytes instead of <unk>, whitespace kept as written)
+            normalization_rule_name="identity", byte_fallback=True,
+            remove_extra_whitespaces=False,
         )
     except RuntimeError as e:
-        if "ocabulary size" in str(e) or "vocab_size" in str(e):
+        detail = str(e).strip().splitlines()[-1]
+        if "smaller than required_chars" in detail:
+            raise DataError(f"--vocab-size {vocab_size} is too small for the characters of this "
+                            f"training data ({detail})") from None
+        if "ocabulary size" in detail:
             raise DataError(f"--vocab-size {vocab_size} is too large for this training data "
-                            f"({str(e).strip().splitlines()[-1]})") from None
+                            f"({detail})") from None
         raise
     finally:
         os.chdir(cwd)
@@ -139,7 +148,8 @@ def preprocess(splits: dict[str, str], output: str, vocab_size: int, workers: in
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model = train_sentencepiece(pairs["train"], tmp, vocab_size, seed, languages)
+        texts = (t for p in pairs["train"] for t in (p.src, p.tgt))
+        model = train_sentencepiece(texts, tmp, vocab_size, seed, languages)
         meta = {"languages": languages, "vocab_size": vocab_size, "pad_id": PAD, "eos_id": EOS,
                 "bos_id": BOS, "sep_piece": SEP, "splits": {}}
         index = {lang: i for i, lang in enumerate(languages)}

@@ -17,6 +17,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("translation", "lm"), default="translation",
+                   help="translation: parallel pairs; lm: plain text (.txt lines) or JSONL "
+                        "{\"text\": ...} for language-model pretraining")
     p.add_argument("--train", help="training pairs (TSV lang<TAB>src<TAB>tgt or JSONL, .xz ok); "
                                    "default: the bundled L10N-10 sample")
     p.add_argument("--valid", help="validation pairs (default: the bundled sample's)")
@@ -29,7 +32,19 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from megatron_moe.data.corpus import default_path
+    from megatron_moe.data.corpus import DataError, default_path
+
+    if args.mode == "lm":
+        from megatron_moe.data.lm_text import preprocess_lm
+
+        if not args.train:
+            raise DataError("--mode lm needs --train (a .txt or .jsonl file)")
+        meta = preprocess_lm({"train": args.train, "valid": args.valid, "test": args.test},
+                             args.output, args.vocab_size, args.seed, args.force)
+        print(f"wrote {args.output}: vocabulary {meta['vocab_size']}; " + ", ".join(
+            f"{k}: {v['documents']} documents / {v['tokens']} tokens"
+            for k, v in meta["splits"].items()), file=sys.stderr)
+        return 0
 
     splits = {"train": args.train or default_path("train"),
               "valid": args.valid or (None if args.train else default_path("valid")),

@@ -35,7 +35,10 @@ def language_probabilities(counts: np.ndarray, temperature: float) -> np.ndarray
 
 
 class TranslationSamples:
-    def __init__(self, directory: str, split: str, seq_length: int, temperature: float = 1.0):
+    def __init__(self, directory: str, split: str, seq_length: int, temperature: float = 1.0,
+                 bucket: tuple[int, int] | None = None):
+        """``bucket`` = (window, batch): length-sort each window of the epoch order and shuffle
+        its batches, so that a global batch holds pairs of similar length."""
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.meta = load_meta(directory)
@@ -49,6 +52,8 @@ class TranslationSamples:
         self.temperature = temperature
         lengths = self.dataset.sequence_lengths.reshape(-1, 2).sum(axis=1)
         self.num_truncated = int((lengths > seq_length + 1).sum())
+        self.lengths = np.minimum(lengths, seq_length + 1)
+        self.bucket = bucket
 
     def __len__(self) -> int:
         return len(self.langs)
@@ -79,4 +84,16 @@ class TranslationSamples:
             members = rng.permutation(np.flatnonzero(self.langs == lang))
             slots = np.flatnonzero(choice == i)
             out[slots] = members[np.arange(len(slots)) % len(members)]
+        return self._bucketed(out, rng) if self.bucket else out
+
+    def _bucketed(self, order: np.ndarray, rng) -> np.ndarray:
+        window, batch = self.bucket
+        out = order.copy()
+        for start in range(0, len(order), window):
+            idx = order[start:start + window]
+            idx = idx[np.argsort(self.lengths[idx], kind="stable")]
+            full = len(idx) // batch * batch
+            blocks = idx[:full].reshape(-1, batch)[rng.permutation(len(idx) // batch)]
+            out[start:start + full] = blocks.reshape(-1)
+            out[start + full:start + len(idx)] = idx[full:]
         return out

@@ -100,7 +100,8 @@ class MetricsLogger:
     def log_step(self, step: int, total_steps: int, values: dict) -> None:
         if not self.is_main:
             return
-        parts = [f"step {step:>6d}/{total_steps}"]
+        filled = int(20 * step / max(total_steps, 1))
+        parts = [f"step {step:>6d}/{total_steps} [{'#' * filled}{'.' * (20 - filled)}]"]
         for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("consistency_loss", ".4f"),
                          ("k", "d"), ("drop_rate", ".3f"), ("two_expert_frac", ".3f"),
                          ("ep_mbytes", ".3f"), ("ep_mbytes_saved", ".3f"), ("lr", ".3e"),

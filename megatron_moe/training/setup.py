@@ -45,7 +45,14 @@ class Run:
         indices = global_batch_indices(samples, step, t.global_batch_size, t.seed, shuffle)
         return micro_batches(samples, indices, parallel_state.get_data_parallel_rank(),
                              parallel_state.get_data_parallel_world_size(), t.micro_batch_size,
-                             compute_device())
+                             compute_device(), self.trim_multiple)
+
+    @property
+    def trim_multiple(self) -> int:
+        """Padding trimmed to a multiple of 8 x TP (sequence parallelism splits by TP); off
+        under pipeline parallelism, whose stages exchange fixed shapes."""
+        p = self.cfg.parallel
+        return 8 * p.tp if self.cfg.data.trim_padding and p.pp == 1 else 0
 
 
 def _log(message: str) -> None:
@@ -54,9 +61,19 @@ def _log(message: str) -> None:
 
 
 def load_samples(cfg: Config, split: str, tokenizer):
+    if cfg.data.format == "lm":
+        from megatron_moe.data.lm_text import GPTSamples
+
+        t = cfg.train
+        wanted = t.steps if split == "train" else t.eval_iters
+        return GPTSamples(cfg.data.dir, split, cfg.model.seq_length,
+                          wanted * t.global_batch_size, t.seed)
     if cfg.data.format == "translation":
+        training = split == "train"
+        bucket = (cfg.data.bucket_window * cfg.train.global_batch_size, cfg.train.global_batch_size)
         samples = TranslationSamples(cfg.data.dir, split, cfg.model.seq_length,
-                                     cfg.data.temperature if split == "train" else 1.0)
+                                     cfg.data.temperature if training else 1.0,
+                                     bucket if training and cfg.data.bucket_window else None)
         if samples.num_truncated:
             _log(f"{split}: {samples.num_truncated} of {len(samples)} pairs longer than "
                  f"model.seq_length + 1 ({cfg.model.seq_length + 1} tokens) are truncated")
@@ -67,7 +84,7 @@ def load_samples(cfg: Config, split: str, tokenizer):
 
 
 def vocab_size(cfg: Config, tokenizer) -> int:
-    if cfg.data.format == "translation":
+    if cfg.data.format in ("translation", "lm"):
         return load_meta(cfg.data.dir)["vocab_size"]
     return tokenizer.vocab_size
 
