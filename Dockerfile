@@ -1,16 +1,26 @@
 # megatron_moe on an NGC PyTorch image, which carries CUDA, NCCL, apex and TransformerEngine.
-#   docker build -t megatron_moe .
-#   docker run --gpus all --rm megatron_moe python -m megatron_moe train --config examples/configs/debug.yaml
+#   docker build -t megatron_moe:latest .
+#   docker run --gpus all --rm megatron_moe:latest                    # prints the CLI help
+#   docker run --gpus all --rm -v $PWD/runs:/opt/megatron_moe/runs megatron_moe:latest \
+#       torchrun --nproc_per_node 8 -m megatron_moe train --config examples/configs/debug.yaml
+# On a Slurm cluster with pyxis/enroot, see README "On a cluster" (CONTAINER_IMAGE=...).
 FROM nvcr.io/nvidia/pytorch:25.04-py3
 
 WORKDIR /opt/megatron_moe
 COPY requirements.txt pyproject.toml README.md ./
-# Keep the image's own CUDA builds of torch and numpy: install every other pinned requirement.
-RUN grep -vE '^(torch|numpy)==' requirements.txt > /tmp/requirements-image.txt \
- && pip install --no-cache-dir -r /tmp/requirements-image.txt
+# The image's own CUDA builds of torch and numpy stay: every other pinned requirement is installed
+# under a constraint file that pins them to the versions already in the image, so no dependency can
+# replace them (pip fails instead).
+RUN python -m pip list --format=freeze | grep -iE '^(torch|numpy)==' > /tmp/image-constraints.txt \
+ && grep -vE '^(torch|numpy)==' requirements.txt > /tmp/requirements-image.txt \
+ && python -m pip install --no-cache-dir -c /tmp/image-constraints.txt -r /tmp/requirements-image.txt \
+ && rm /tmp/requirements-image.txt
 COPY megatron_moe ./megatron_moe
 COPY examples ./examples
 COPY tools ./tools
-RUN pip install --no-cache-dir --no-deps --no-build-isolation -e .
+RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && useradd --create-home --uid 1000 moe \
+ && mkdir -p /opt/megatron_moe/runs && chown moe /opt/megatron_moe/runs
+USER moe
 
 CMD ["python", "-m", "megatron_moe", "--help"]

@@ -16,7 +16,6 @@ import os
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
@@ -39,8 +38,12 @@ def iteration_dir(root: str, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer, scheduler) -> Path:
-    """Write ``iter_<step>`` collectively on all ranks, then publish it in the tracker file."""
+def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, scheduler=None,
+                    extra: dict | None = None) -> Path:
+    """Write ``iter_<step>`` collectively on all ranks, then publish it in the tracker file.
+
+    Without ``optimizer`` (a converted model) only the weights are written; ``extra`` adds
+    plain values to the checkpoint's common state."""
     target = iteration_dir(root, step)
     if dist.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
@@ -48,11 +51,15 @@ def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer, schedul
     state = {
         "model": model.sharded_state_dict(),
         "step": step,
-        "scheduler": scheduler.state_dict(),
         "config": to_dict(cfg),
         "layout": layout(cfg, dist.get_world_size()),
+        "has_optimizer": optimizer is not None,
+        **(extra or {}),
     }
-    state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
     dist_checkpointing.save(state, str(target))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -92,7 +99,10 @@ def load_checkpoint(root: str, cfg: Config, model, optimizer=None, scheduler=Non
     same_layout = saved_layout == layout(cfg, dist.get_world_size())
     state = {"model": model.sharded_state_dict()}
     want_optimizer = optimizer is not None and cfg.checkpoint.load_optimizer
-    if want_optimizer and same_layout:
+    if want_optimizer and not common.get("has_optimizer", True):
+        warnings.warn(f"{target}: holds model weights only (a converted checkpoint): the "
+                      f"optimizer starts fresh")
+    elif want_optimizer and same_layout:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=True)
     elif want_optimizer:
         warnings.warn(f"{target}: optimizer state not restored: saved under layout {saved_layout},"

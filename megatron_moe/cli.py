@@ -6,6 +6,7 @@
     srun --ntasks 8 python -m megatron_moe train --config my.yaml      # one task per GPU
     python -m megatron_moe evaluate --config examples/configs/debug.yaml --set checkpoint.load=DIR
     python -m megatron_moe preprocess --train train.tsv.xz --valid valid.tsv.xz --output data/x
+    python -m megatron_moe convert --to hf --load runs/x/checkpoints --output hf/x
     python -m megatron_moe translate --config C --set checkpoint.load=DIR --input src.tsv
 
 User errors (config, data, checkpoint) print one line ``error: ...`` and exit with status 2, before
@@ -38,18 +39,21 @@ def _parser() -> argparse.ArgumentParser:
         if name == "translate":
             p.add_argument("--input", help="file of 'lang<TAB>source' lines (default: stdin)")
             p.add_argument("--lang", help="language of every line (then lines are plain sources)")
+    from megatron_moe.convert.cli import add_parser as add_convert
     from megatron_moe.data.preprocess_cli import add_parser as add_preprocess
 
     add_preprocess(sub)
+    add_convert(sub)
     return ap
 
 
 def _user_errors():
     from megatron_moe.checkpointing import CheckpointError
     from megatron_moe.data.corpus import DataError
+    from megatron_moe.convert.mixtral import ConversionError
     from megatron_moe.generation import GenerationError
 
-    return (ConfigError, DataError, CheckpointError, GenerationError)
+    return (ConfigError, DataError, CheckpointError, GenerationError, ConversionError)
 
 
 def main(argv=None) -> int:
@@ -58,14 +62,18 @@ def main(argv=None) -> int:
     from megatron_moe.routing.routers import ROUTERS
     from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed
 
-    if args.command == "preprocess":
-        from megatron_moe.data.preprocess_cli import run as run_preprocess
-
+    if args.command in ("preprocess", "convert"):
+        if args.command == "convert":
+            from megatron_moe.convert.cli import run as run_tool
+        else:
+            from megatron_moe.data.preprocess_cli import run as run_tool
         try:
-            return run_preprocess(args)
+            return run_tool(args)
         except _user_errors() as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
+        finally:
+            shutdown_distributed()
     try:
         cfg = load_config(args.config, args.overrides)
         env = launch_env()

@@ -8,6 +8,7 @@ against the world size *before* any process group exists (:mod:`megatron_moe.val
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -120,12 +121,17 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    format: str = "text"  # text: byte-level LM on *_path | translation: preprocessed data.dir
+    format: str = "text"  # text: byte LM on *_path | translation, lm: preprocessed data.dir
     train_path: Optional[str] = None  # TSV (lang<TAB>src<TAB>tgt) or .txt; None = bundled sample
     valid_path: Optional[str] = None  # likewise for validation; None = bundled sample
     tokenizer: str = "byte"  # text format: byte (UTF-8 bytes, no training needed)
     dir: Optional[str] = None  # translation: output of `python -m megatron_moe preprocess`
     temperature: float = 1.0  # translation: language sampling temperature (1 = proportional)
+    bucket_window: int = 0  # translation training: length-sort windows of this many global
+    #                         batches, then shuffle the batches (0 = off); with trim_padding,
+    #                         short batches run short
+    trim_padding: bool = True  # drop padding columns right of every row's last loss position
+    #                            (PP = 1; the loss is unchanged)
     test_path: Optional[str] = None  # translation: raw test pairs for BLEU (None = dir's test split)
     max_new_tokens: int = 64  # translation: longest generated target
 
@@ -293,3 +299,8 @@ def moe_layer_pattern(m: ModelConfig) -> list[int]:
     if isinstance(m.moe_layer_freq, int):
         return [1 if i % m.moe_layer_freq == 0 else 0 for i in range(m.num_layers)]
     return list(m.moe_layer_freq)
+
+
+def from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+    """A config from :func:`to_dict`'s output (e.g. the one saved in a checkpoint)."""
+    return _build(Config, apply_overrides(copy.deepcopy(data), overrides or []), "")

@@ -30,7 +30,7 @@ def _divisible(a_path: str, a: int, b_path: str, b: int) -> None:
 def validate(cfg: Config, world_size: int,
              routers=("topk", "thor", "smoe_dropout", "adaptive")) -> None:
     """Check every cross-field constraint for ``world_size`` ranks; raise ConfigError on the first."""
-    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    m, moe, t = cfg.model, cfg.moe, cfg.train
     _positive(cfg, "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
               "model.num_attention_heads", "model.num_query_groups", "model.seq_length",
               "moe.num_experts", "moe.topk", "parallel.tp", "parallel.pp", "parallel.ep",
@@ -76,7 +76,7 @@ def validate(cfg: Config, world_size: int,
 
 
 def _validate_routing(cfg: Config) -> None:
-    moe, t = cfg.moe, cfg.train
+    moe = cfg.moe
     gd, thor, sd = moe.gating_dropout, moe.thor, moe.smoe_dropout
     if not 0.0 <= gd.p <= 1.0:
         raise ConfigError(f"moe.gating_dropout.p ({gd.p}) must be in [0, 1]")

@@ -14,6 +14,7 @@ from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.evaluation import validation_loss
 from megatron_moe.routing.schedules import scheduled_topk
+from megatron_moe.training.preemption import StopRequest
 from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
 from megatron_moe.training.setup import Run, setup_run
 from megatron_moe.training.step import forward_backward
@@ -88,8 +89,23 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     if cfg.checkpoint.load:
         start = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer, run.scheduler)
         logger.note(f"resumed from {cfg.checkpoint.load} at step {start}")
-    losses, started = [], time.perf_counter()
+    started = time.perf_counter()
     budget = cfg.train.time_budget_minutes * 60 if cfg.train.time_budget_minutes else None
+    with StopRequest() as stop:
+        losses, done, signalled = _steps(run, logger, start, started, budget, stop)
+    if not signalled:  # a stopped job leaves quickly: the time limit is near
+        logger.log_eval(done, validation_loss(run))
+    logger.close()
+    return losses
+
+
+def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
+           stop: StopRequest) -> tuple[list[float], int, bool]:
+    """The step loop; ends early (after a save) on the time budget or a stop signal.
+
+    Returns the losses, the last completed step and whether a stop signal ended it.
+    """
+    cfg, losses, done, signalled = run.cfg, [], start, False
     for step in range(start, cfg.train.steps):
         values, per_layer = train_step(run, step)
         losses.append(values["loss"])
@@ -99,7 +115,8 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
         values["eta_s"] = _eta(elapsed, done - start, cfg.train.steps - done, budget)
         logger.record_step(done, values)
         logger.log_layers(done, per_layer)
-        last = done == cfg.train.steps or out_of_time
+        signalled = stop.agreed()
+        last = done == cfg.train.steps or out_of_time or signalled
         if done % cfg.logging.interval == 0 or last or done == start + 1:
             logger.log_step(done, cfg.train.steps, values)
         if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:
@@ -111,10 +128,13 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
             path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
                                    run.scheduler)
             logger.note(f"saved checkpoint {path}")
+        if signalled:
+            saved = "checkpoint saved" if cfg.checkpoint.save else "no checkpoint.save set"
+            logger.note(f"stop signal ({stop.received or 'received by another rank'}) after "
+                        f"step {done}: {saved}, exiting")
+            break
         if out_of_time:
             logger.note(f"train.time_budget_minutes ({cfg.train.time_budget_minutes}) reached "
                         f"after step {done}")
             break
-    logger.log_eval(done if losses else start, validation_loss(run))
-    logger.close()
-    return losses
+    return losses, done, signalled

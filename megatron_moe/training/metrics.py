@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Optional
 
 from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -56,8 +57,9 @@ class Run:
 
 
 def _log(message: str) -> None:
+    """Set-up messages go to stderr: stdout carries results (translations, JSON)."""
     if is_main_rank():
-        print(f"[megatron_moe] {message}", flush=True)
+        print(f"[megatron_moe] {message}", file=sys.stderr, flush=True)
 
 
 def load_samples(cfg: Config, split: str, tokenizer):

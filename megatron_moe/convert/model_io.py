@@ -1,0 +1,111 @@
+"""A megatron_moe model of a checkpoint, built under any parallel layout, and its logits.
+
+A checkpoint records its resolved config and stores the weights as layout-independent sharded
+tensors, so the model is rebuilt from the checkpoint alone (no data directory needed) under the
+layout asked for, and loaded by megatron's ``dist_checkpointing``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_moe.checkpointing import CheckpointError, load_checkpoint, resolve
+from megatron_moe.config import Config, ConfigError, from_dict
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path  # the iter_* directory
+    cfg: Config  # as saved
+    vocab_size: int  # rows of the (padded) embedding
+    common: dict  # the checkpoint's common state (step, layout, config, ...)
+
+
+def inspect(root: str) -> CheckpointInfo:
+    """Read a checkpoint's config and vocabulary size without building anything."""
+    target = resolve(root)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(target))
+    except Exception as e:  # a torn or foreign file: name it
+        raise CheckpointError(f"{target}: cannot read the common state ({e})") from None
+    if "config" not in common:
+        raise CheckpointError(f"{target}: no megatron_moe config in the checkpoint")
+    try:
+        cfg = from_dict(common["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{target}: saved config is not valid here: {e}") from None
+    metadata = dist_checkpointing.load_tensors_metadata(str(target))
+    embedding = metadata.get("embedding.word_embeddings.weight") or metadata.get(
+        "output_layer.weight")
+    if embedding is None:
+        raise CheckpointError(f"{target}: no embedding.word_embeddings.weight tensor")
+    return CheckpointInfo(target, cfg, int(embedding.global_shape[0]), common)
+
+
+def with_layout(cfg: Config, tp: int = 1, pp: int = 1, ep: int = 1) -> Config:
+    """The config for inference under (TP, PP, EP), ETP 1 (:func:`build` turns off sequence
+    parallelism after validation, as megatron allows outside training)."""
+    return from_dict(_as_dict(cfg), [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                     f"parallel.ep={ep}", "parallel.etp=1",
+                                     "parallel.sequence_parallel=null", "model.recompute=none", "checkpoint.load=null",
+                                     "checkpoint.save=null"])
+
+
+def _as_dict(cfg: Config) -> dict:
+    from megatron_moe.config import to_dict
+
+    return to_dict(cfg)
+
+
+def build(cfg: Config, vocab_size: int, env, topk: int | None = None):
+    """Process groups (if needed) and this rank's GPTModel in eval mode, randomly initialised.
+
+    ``topk``: experts per token for SMoE-Dropout's router (its k lives in the routing context)."""
+    from megatron_moe.model.build import build_model, transformer_config
+    from megatron_moe.routing.context import RoutingContext
+    from megatron_moe.runtime.distributed import init_distributed
+    from megatron_moe.validation import validate
+
+    validate(cfg, env.world_size)
+    init_distributed(cfg, env)
+    tconfig = transformer_config(cfg)
+    tconfig.sequence_parallel = False
+    context = RoutingContext(seed=cfg.train.seed, topk=topk)
+    model = build_model(cfg, tconfig, vocab_size, context)
+    model.eval()
+    return model
+
+
+def load(root: str, env, tp: int = 1, pp: int = 1, ep: int = 1, topk: int | None = None):
+    """(model, info, cfg): the checkpoint's model under (TP, PP, EP), weights loaded."""
+    info = inspect(root)
+    cfg = with_layout(info.cfg, tp, pp, ep)
+    model = build(cfg, info.vocab_size, env, topk)
+    load_checkpoint(str(info.path), cfg, model)
+    return model, info, cfg
+
+
+@torch.no_grad()
+def logits(model, tokens_BS: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits [B, S, V] on the last pipeline stage (None elsewhere; PP = 1 only)."""
+    from megatron_moe.runtime.cpu_support import compute_device
+
+    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise ConfigError("logit verification runs with parallel.pp = 1")
+    tokens_BS = tokens_BS.to(compute_device())
+    positions = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
+    out = model(tokens_BS, positions, attention_mask=None, runtime_gather_output=True)
+    return out.float().cpu()
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights by name (single-rank layout), without TE/extra-state entries."""
+    if dist.is_initialized() and dist.get_world_size() != 1:
+        raise ConfigError("export builds the model on one process (TP = PP = EP = 1)")
+    return {k: v for k, v in model.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}

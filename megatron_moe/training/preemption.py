@@ -1,0 +1,51 @@
+"""Save-and-stop on a signal, for Slurm time limits, preemption and requeue.
+
+Slurm can warn a job before its time limit (``#SBATCH --signal=B:USR1@120``); the sbatch scripts in
+``examples/slurm/`` forward that SIGUSR1 to the training ranks, and ``scancel``/preemption sends
+SIGTERM. :class:`StopRequest` records such a signal instead of dying; the training loop asks
+:meth:`StopRequest.agreed` after every step, saves a checkpoint and returns. Ranks may receive the
+signal a step apart, so the decision is one all-reduce (MAX) of a flag per step: every rank stops
+after the same step and the collective save cannot hang.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from megatron_moe.runtime.cpu_support import compute_device
+
+SIGNALS = ("SIGUSR1", "SIGTERM")
+
+
+class StopRequest:
+    """Context manager: while active, the signals in ``SIGNALS`` set a flag instead of killing."""
+
+    def __init__(self, signals=SIGNALS):
+        self.signals = [getattr(signal, name) for name in signals]
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank has received a signal (a collective call)."""
+        flag = 1.0 if self.received else 0.0
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return bool(flag)
+        t = torch.tensor([flag], device=compute_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())

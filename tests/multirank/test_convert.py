@@ -1,0 +1,161 @@
+"""Tier: multi-rank gloo (2 processes) with ``transformers`` (a pinned test dependency).
+
+megatron_moe <-> Hugging Face Mixtral: a checkpoint trained under (TP2, EP2) exports to a sharded
+Hub-layout directory that ``MixtralForCausalLM.from_pretrained`` loads, with logits equal to ours
+under the training layout (< 1e-4, fp32); a randomly initialised HF Mixtral imports and matches HF's
+logits under (TP2, EP2); the round trip gives back every tensor, each expert weight bit for bit;
+SMoE-Dropout exports at a chosen k; bad sources fail with a clear message and leave nothing behind.
+"""
+
+import json
+import os
+import sys
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import REPO, check, cli, last_json
+from tests.multirank._dist import spawn
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.multirank
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "megatron_moe", "convert", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def _hf_logits(directory, tokens):
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _logits_worker(rank, world, ckpt, tp, ep, tokens, out):
+    from megatron_moe.convert import model_io
+    from megatron_moe.runtime.distributed import LaunchEnv
+
+    env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
+    model, _, _ = model_io.load(str(ckpt), env, tp=tp, ep=ep)
+    logits = model_io.logits(model, tokens)
+    if rank == 0:
+        torch.save(logits, out)
+
+
+def _ours_under(ckpt, tp, ep, tokens, tmp_path):
+    out = tmp_path / f"logits_{tp}_{ep}.pt"
+    spawn(_logits_worker, max(tp, ep), ckpt, tp, ep, tokens, out)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def trained_tp2_ep2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt_tp2ep2")
+    check(cli("train", "train.steps=6", "parallel.tp=2", "parallel.ep=2",
+              f"checkpoint.save={root}", nproc=2))
+    return root
+
+
+def test_export_loads_in_transformers_with_matching_logits(trained_tp2_ep2, tmp_path):
+    out = tmp_path / "hf"
+    proc = convert("--to", "hf", "--load", str(trained_tp2_ep2), "--output", str(out),
+                   "--max-shard-gb", "0.0005")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc)["max_logit_diff"] < 1e-4
+    # the Hub's sharded layout: an index naming every tensor's shard
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    assert "model.layers.3.block_sparse_moe.experts.3.w3.weight" in index["weight_map"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_local_experts"] == 4 and config["num_experts_per_tok"] == 2
+    # independently of the converter: HF's logits vs ours under the training layout
+    tokens = torch.randint(0, config["vocab_size"], (3, 24), generator=torch.Generator().manual_seed(7))
+    theirs = _hf_logits(out, tokens)
+    ours = _ours_under(trained_tp2_ep2, 2, 2, tokens, tmp_path)[..., :config["vocab_size"]]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def _random_mixtral(directory):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = MixtralForCausalLM(config)
+    with torch.no_grad():  # larger than the default init, so every weight moves the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.15)
+    model.save_pretrained(str(directory))
+
+
+def test_import_random_mixtral_under_tp2_ep2_and_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    source, imported, back = tmp_path / "src", tmp_path / "imported", tmp_path / "back"
+    _random_mixtral(source)
+    proc = convert("--to", "megatron", "--load", str(source), "--output", str(imported))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc)["max_logit_diff"] < 1e-4
+    tokens = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(3))
+    theirs = _hf_logits(source, tokens)
+    assert theirs.abs().max() > 1.0  # logits that a wrong weight would visibly change
+    ours = _ours_under(imported, 2, 2, tokens, tmp_path)[..., :300]
+    assert (ours - theirs).abs().max() < 1e-4
+    # round trip: every tensor comes back, expert weights bit for bit
+    proc = convert("--to", "hf", "--load", str(imported), "--output", str(back))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(str(source / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert set(a) == set(b)
+    experts = [k for k in a if ".experts." in k]
+    assert len(experts) == 2 * 4 * 3
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_smoe_dropout_exports_at_chosen_k(tmp_path):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    check(cli("train", "train.steps=3", "moe.router=smoe_dropout", f"checkpoint.save={ckpt}"))
+    proc = convert("--to", "hf", "--load", str(ckpt), "--output", str(out), "--topk", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc)["max_logit_diff"] < 1e-4
+    assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 3
+
+
+def test_bad_sources_fail_clearly_and_leave_nothing(tmp_path, trained_tp2_ep2):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = convert("--to", "megatron", "--load", str(empty), "--output", str(tmp_path / "o1"))
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    proc = convert("--to", "megatron", "--load", str(llama), "--output", str(tmp_path / "o2"))
+    assert proc.returncode == 2 and "model_type is 'llama', not 'mixtral'" in proc.stderr
+    # a Mixtral missing one expert weight
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "src"
+    _random_mixtral(source)
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w2.weight"]
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    proc = convert("--to", "megatron", "--load", str(source), "--output", str(tmp_path / "o3"))
+    assert proc.returncode == 2
+    assert "model.layers.1.block_sparse_moe.experts.2.w2.weight is missing" in proc.stderr
+    # an existing output is not overwritten without --force
+    proc = convert("--to", "hf", "--load", str(trained_tp2_ep2), "--output", str(source))
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers and not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
