@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from megatron_moe.convert.mixtral import ConversionError
+from megatron_moe.staging import staged_directory
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -57,25 +56,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from megatron_moe.runtime.distributed import LaunchEnv, _free_port
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ConversionError(f"--output {out} exists and is not empty (pass --force)")
     env = LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(args.output, args.force, ConversionError) as tmp:
         if args.to == "hf":
             diff = export_hf(args, env, tmp)
         else:
             diff = import_hf(args, env, tmp)
-        _make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result = {"output": str(out), "max_logit_diff": diff}
+    result = {"output": args.output, "max_logit_diff": diff}
     print(json.dumps(result), flush=True)
     return 0
 
@@ -150,14 +137,6 @@ def import_hf(args, env, tmp: Path) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-def _make_readable(directory: Path) -> None:
-    """mkdtemp and safetensors create owner-only modes; give the output the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def _progress(message: str) -> None:
     print(f"[convert] {message}", file=sys.stderr, flush=True)
 

@@ -11,36 +11,24 @@ allowed. Each document is stored as one item ending in ``</s>`` (megatron's end-
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from megatron_moe.data.corpus import DataError
-from megatron_moe.data.pairs import _lines
+from megatron_moe.data.pairs import records
 from megatron_moe.data.preprocess import EOS, PAD, train_sentencepiece
 from megatron_moe.progress import Progress
+from megatron_moe.staging import check_output, staged_directory
 
 
 def read_texts(path: str) -> list[str]:
-    jsonl = ".jsonl" in Path(path).name
     texts = []
-    for lineno, line in _lines(path):
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if jsonl:
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: expected a JSON object with a text field "
-                                f"({e.__class__.__name__})") from None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: text must be a string")
-            line = text
-        texts.append(line)
+    for lineno, record in records(path, ("text",)):
+        text = record[0] if isinstance(record, tuple) else record
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno}: text must be a string")
+        texts.append(text)
     if not texts:
         raise DataError(f"data file {path} holds no text")
     return texts
@@ -52,13 +40,9 @@ def preprocess_lm(splits: dict[str, str], output: str, vocab_size: int, seed: in
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DataError(f"output directory {output} exists and is not empty (pass --force)")
+    check_output(output, force, DataError)  # before reading the corpus
     texts = {name: read_texts(path) for name, path in splits.items() if path}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(output, force, DataError) as tmp:
         model = train_sentencepiece(texts["train"], tmp, vocab_size, seed, languages=[])
         sp = spm.SentencePieceProcessor(model_file=model)
         meta = {"format": "lm", "vocab_size": vocab_size, "pad_id": PAD, "eos_id": EOS,
@@ -75,12 +59,6 @@ def preprocess_lm(splits: dict[str, str], output: str, vocab_size: int, seed: in
             builder.finalize(str(tmp / f"{name}.idx"))
             meta["splits"][name] = {"documents": len(docs), "tokens": tokens}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -33,21 +33,32 @@ def _lines(path: str):
         raise DataError(f"{path}: cannot be read as UTF-8 text: {e}") from None
 
 
-def read_pairs(path: str, languages=None) -> list[Pair]:
-    """All pairs of ``path``; ``languages`` (if given) is the set of allowed language tags."""
+def records(path: str, fields: tuple[str, ...]):
+    """(line number, line or tuple of JSON ``fields``) for every non-blank line of ``path``:
+    JSONL when the name says so (``.jsonl``, ``.jsonl.xz``), else the raw line."""
     jsonl = ".jsonl" in Path(path).name
-    pairs = []
     for lineno, line in _lines(path):
         line = line.rstrip("\n")
         if not line.strip():
             continue
-        if jsonl:
-            try:
-                obj = json.loads(line)
-                lang, src, tgt = obj["lang"], obj["src"], obj["tgt"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: expected a JSON object with lang, src, tgt "
-                                f"({e.__class__.__name__}: {e})") from None
+        if not jsonl:
+            yield lineno, line
+            continue
+        try:
+            obj = json.loads(line)
+            values = tuple(obj[f] for f in fields)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}:{lineno}: expected a JSON object with "
+                            f"{', '.join(fields)} ({e.__class__.__name__}: {e})") from None
+        yield lineno, values
+
+
+def read_pairs(path: str, languages=None) -> list[Pair]:
+    """All pairs of ``path``; ``languages`` (if given) is the set of allowed language tags."""
+    pairs = []
+    for lineno, line in records(path, ("lang", "src", "tgt")):
+        if isinstance(line, tuple):
+            lang, src, tgt = line
         else:
             parts = line.split("\t")
             if len(parts) != 3:

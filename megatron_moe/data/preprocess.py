@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from megatron_moe.data.corpus import DataError
 from megatron_moe.data.pairs import Pair, read_pairs
 from megatron_moe.progress import Progress
+from megatron_moe.staging import check_output, staged_directory
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 SEP = "<sep>"
@@ -137,17 +136,13 @@ def write_split(prefix: str, encoded, langs: np.ndarray) -> dict:
 def preprocess(splits: dict[str, str], output: str, vocab_size: int, workers: int = 1,
                seed: int = 0, force: bool = False) -> dict:
     """``splits`` maps split name -> file; ``train`` defines the languages and the vocabulary."""
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DataError(f"output directory {output} exists and is not empty (pass --force)")
+    check_output(output, force, DataError)  # before reading the corpus
     pairs = {"train": read_pairs(splits["train"])}
     languages = sorted({p.lang for p in pairs["train"]})
     for name, path in splits.items():
         if name != "train" and path:
             pairs[name] = read_pairs(path, languages=set(languages))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(output, force, DataError) as tmp:
         texts = (t for p in pairs["train"] for t in (p.src, p.tgt))
         model = train_sentencepiece(texts, tmp, vocab_size, seed, languages)
         meta = {"languages": languages, "vocab_size": vocab_size, "pad_id": PAD, "eos_id": EOS,
@@ -158,10 +153,4 @@ def preprocess(splits: dict[str, str], output: str, vocab_size: int, workers: in
             langs = np.array([index[p.lang] for p in split_pairs])
             meta["splits"][name] = write_split(str(tmp / name), encoded, langs)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

@@ -3,6 +3,9 @@
 munged, slurmctld and slurmd run with a generated key and ``slurm.conf`` on non-default ports, as the
 current user, with every state, spool, log and PID file under the directory; ``stop()`` ends exactly
 the daemons this object started (by PID). Needs Debian's ``slurm-wlm`` and ``munge`` packages.
+
+Two settings keep the tests short: a requeued job may start only ``cred_expire`` + 1 seconds after
+the requeue (default 120 s), and pending jobs are looked at every ``sched_interval`` (default 60 s).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ SlurmUser={user}
 SlurmdUser={user}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r}/munge/munge.socket
+AuthInfo=socket={r}/munge/munge.socket,cred_expire=15
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/run/slurmctld.pid
@@ -87,6 +90,7 @@ JobRequeue=1
 KillWait=10
 MinJobAge=3600
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory} State=UNKNOWN
 PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)

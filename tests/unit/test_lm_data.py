@@ -60,7 +60,7 @@ def test_gpt_samples_pack_documents_with_full_loss_mask(lm_data):
 
 def test_bad_jsonl_line_is_reported(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a JSON object with a text field"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a JSON object with text"):
         preprocess_lm({"train": str(tmp_path / "bad.jsonl")}, str(tmp_path / "out"), 100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
