@@ -141,7 +141,8 @@ class CheckpointConfig:
     save: Optional[str] = None  # directory to save to (None = no saving)
     load: Optional[str] = None  # directory to load from (None = fresh start)
     interval: int = 0  # save every N steps (0 = only at the end when save is set)
-    load_optimizer: bool = True  # also restore optimizer state when the layout matches
+    load_optimizer: bool = True  # also restore optimizer state (under any layout)
+    keep_last: int = 0  # keep only the newest N checkpoints in checkpoint.save (0 = keep all)
 
 
 @dataclass

@@ -69,8 +69,10 @@ def validate(cfg: Config, world_size: int,
     if t.warmup_steps < 0 or t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"train.lr ({t.lr}), train.min_lr ({t.min_lr}) and train.warmup_steps "
                           f"({t.warmup_steps}) must satisfy 0 <= min_lr <= lr, lr > 0, warmup >= 0")
-    if cfg.checkpoint.interval < 0 or t.eval_interval < 0:
-        raise ConfigError("checkpoint.interval and train.eval_interval must be >= 0")
+    if cfg.checkpoint.interval < 0 or t.eval_interval < 0 or cfg.checkpoint.keep_last < 0:
+        raise ConfigError(f"checkpoint.interval ({cfg.checkpoint.interval}), checkpoint.keep_last "
+                          f"({cfg.checkpoint.keep_last}) and train.eval_interval "
+                          f"({t.eval_interval}) must be >= 0")
     _validate_routing(cfg)
     _validate_parallel(cfg, world_size, groups)
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from megatron_moe.checkpointing import CheckpointError, load_checkpoint, resolve
+from megatron_moe.checkpointing.safety import read_common, read_index
 from megatron_moe.config import Config, ConfigError, from_dict
 
 
@@ -27,24 +28,23 @@ class CheckpointInfo:
 
 
 def inspect(root: str) -> CheckpointInfo:
-    """Read a checkpoint's config and vocabulary size without building anything."""
+    """Read a checkpoint's config and vocabulary size without building anything (the files are
+    read with the safe readers of :mod:`megatron_moe.checkpointing.safety`; loading verifies
+    every file)."""
     target = resolve(root)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(target))
-    except Exception as e:  # a torn or foreign file: name it
-        raise CheckpointError(f"{target}: cannot read the common state ({e})") from None
+    common = read_common(target)
     if "config" not in common:
         raise CheckpointError(f"{target}: no megatron_moe config in the checkpoint")
     try:
         cfg = from_dict(common["config"])
     except ConfigError as e:
         raise CheckpointError(f"{target}: saved config is not valid here: {e}") from None
-    metadata = dist_checkpointing.load_tensors_metadata(str(target))
-    embedding = metadata.get("embedding.word_embeddings.weight") or metadata.get(
+    tensors = read_index(target).state_dict_metadata
+    embedding = tensors.get("embedding.word_embeddings.weight") or tensors.get(
         "output_layer.weight")
     if embedding is None:
         raise CheckpointError(f"{target}: no embedding.word_embeddings.weight tensor")
-    return CheckpointInfo(target, cfg, int(embedding.global_shape[0]), common)
+    return CheckpointInfo(target, cfg, int(embedding.size[0]), common)
 
 
 def with_layout(cfg: Config, tp: int = 1, pp: int = 1, ep: int = 1) -> Config:

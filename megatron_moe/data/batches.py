@@ -47,10 +47,15 @@ class PackedSamples:
 
 
 def global_batch_indices(samples, step: int, global_batch: int, seed: int,
-                         shuffle: bool) -> np.ndarray:
-    """Sample indices of global batch ``step``: the dataset's seeded epoch orders, or in order."""
+                         shuffle: bool, sample_offset: int = 0) -> np.ndarray:
+    """Sample indices of global batch ``step``: the dataset's seeded epoch orders, or in order.
+
+    The batch covers positions ``step * global_batch + sample_offset`` onwards of the endless
+    sequence of epochs; a run resumed with another batch size passes the offset that continues
+    at the checkpoint's consumed-sample count."""
     num_samples = len(samples)
-    positions = np.arange(step * global_batch, (step + 1) * global_batch)
+    first = step * global_batch + sample_offset
+    positions = np.arange(first, first + global_batch)
     if not shuffle:
         return positions % num_samples
     epochs, offsets = np.divmod(positions, num_samples)

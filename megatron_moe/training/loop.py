@@ -87,8 +87,12 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     logger = MetricsLogger(cfg, is_main_rank())
     start = 0
     if cfg.checkpoint.load:
-        start = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer, run.scheduler)
-        logger.note(f"resumed from {cfg.checkpoint.load} at step {start}")
+        resumed = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer,
+                                  run.scheduler)
+        start = resumed.step
+        run.sample_offset = resumed.consumed_samples - start * cfg.train.global_batch_size
+        logger.note(f"resumed from {cfg.checkpoint.load} at step {start} ({resumed.path.name}, "
+                    f"{resumed.consumed_samples} samples consumed)")
     started = time.perf_counter()
     budget = cfg.train.time_budget_minutes * 60 if cfg.train.time_budget_minutes else None
     with StopRequest() as stop:
@@ -126,7 +130,7 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
         interval = cfg.checkpoint.interval
         if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
             path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
-                                   run.scheduler)
+                                   run.scheduler, consumed_samples=run.consumed_samples(done))
             logger.note(f"saved checkpoint {path}")
         if signalled:
             saved = "checkpoint saved" if cfg.checkpoint.save else "no checkpoint.save set"

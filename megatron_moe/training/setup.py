@@ -11,7 +11,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_moe.config import Config
-from megatron_moe.data.batches import MicroBatch, PackedSamples, global_batch_indices, micro_batches
+from megatron_moe.data.batches import (MicroBatch, PackedSamples, global_batch_indices,
+                                      micro_batches)
 from megatron_moe.data.corpus import read_documents
 from megatron_moe.data.tokenizer import build_tokenizer, pack_documents
 from megatron_moe.data.translation import TranslationSamples, load_meta
@@ -35,6 +36,7 @@ class Run:
     forward_step: Any  # the schedule's forward-step function
     optimizer: Any = None
     scheduler: Any = None
+    sample_offset: int = 0  # consumed samples - step x global batch (set on resume)
 
     @property
     def duplicated(self) -> bool:
@@ -43,10 +45,15 @@ class Run:
 
     def batches(self, samples: PackedSamples, step: int, shuffle: bool) -> list[MicroBatch]:
         t = self.cfg.train
-        indices = global_batch_indices(samples, step, t.global_batch_size, t.seed, shuffle)
+        indices = global_batch_indices(samples, step, t.global_batch_size, t.seed, shuffle,
+                                       self.sample_offset if shuffle else 0)
         return micro_batches(samples, indices, parallel_state.get_data_parallel_rank(),
                              parallel_state.get_data_parallel_world_size(), t.micro_batch_size,
                              compute_device(), self.trim_multiple)
+
+    def consumed_samples(self, step: int) -> int:
+        """Training sequences consumed after ``step`` optimizer steps (the data position)."""
+        return step * self.cfg.train.global_batch_size + self.sample_offset
 
     @property
     def trim_multiple(self) -> int:

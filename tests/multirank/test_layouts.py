@@ -1,21 +1,20 @@
 """Tier: multi-rank gloo (2-4 CPU processes under torchrun).
 
 A checkpoint saved at (TP,PP,EP) = (1,1,1) gives the same validation loss under every other layout
-and both token dispatchers, and training continued from it under (2,1,2) follows the (1,1,1) loss
-curve. Together these show that megatron-core's TP/SP, PP (1F1B), EP (alltoall and allgather) and
-DP paths compute the same model on CPU, and that checkpoints reshard.
+and both token dispatchers: megatron-core's TP/SP, PP (1F1B), EP (alltoall and allgather) and DP
+paths compute the same model on CPU, and the weights reshard. (Training continued under another
+layout, optimizer included: test_checkpoint_reshard.py.)
 """
 
 import pytest
 
-from tests.conftest import check, cli, last_json, read_metrics
+from tests.conftest import check, cli, last_json
 
 LAYOUTS = [  # (tp, pp, ep, dispatcher, world size); DP = world / (tp * pp), EP is carved from DP*TP
     (2, 1, 1, "alltoall", 2), (1, 2, 1, "alltoall", 2),
     (1, 1, 2, "alltoall", 2), (1, 1, 2, "allgather", 2),
     (2, 2, 1, "alltoall", 4),
-    (1, 2, 2, "alltoall", 4), (1, 2, 2, "allgather", 4),
-    (2, 1, 2, "alltoall", 4), (2, 1, 2, "allgather", 4),
+    (1, 2, 2, "alltoall", 4), (2, 1, 2, "allgather", 4),
 ]
 
 
@@ -38,16 +37,3 @@ def test_validation_loss_is_layout_independent(base_checkpoint, reference_loss, 
     loss = last_json(proc)["loss"]
     assert abs(loss - reference_loss) / reference_loss < 1e-5, (loss, reference_loss)
 
-
-@pytest.mark.multirank
-def test_training_from_checkpoint_follows_the_single_rank_curve(base_checkpoint, tmp_path):
-    common = [f"checkpoint.load={base_checkpoint}", "train.steps=25",
-              "checkpoint.load_optimizer=false"]  # the optimizer restarts in both runs
-    single, multi = tmp_path / "single.jsonl", tmp_path / "multi.jsonl"
-    check(cli("train", *common, f"logging.metrics_file={single}"))
-    check(cli("train", *common, *_layout(2, 1, 2), f"logging.metrics_file={multi}", nproc=4))
-    a = [m["loss"] for m in read_metrics(single)]
-    b = [m["loss"] for m in read_metrics(multi)]
-    assert len(a) == len(b) == 5
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, list(zip(a, b))
-    assert a[-1] != a[0]  # it trained

@@ -79,9 +79,9 @@ def _train_settings(run_dir: Path, steps: int, extra: str = "") -> dict:
 def test_training_job_completes_and_requeued_job_resumes(cluster, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     job = _submit(cluster, "train.sbatch", log, "--ntasks=2",
-                  **_train_settings(run_dir, 60), SAVE_INTERVAL="10")
+                  **_train_settings(run_dir, 30), SAVE_INTERVAL="5")
     ckpt = run_dir / "checkpoints"
-    _wait_for(lambda: _saved_step(ckpt) >= 10, 300, "the first checkpoint", cluster, job, log)
+    _wait_for(lambda: _saved_step(ckpt) >= 5, 300, "the first checkpoint", cluster, job, log)
     assert cluster.state(job) == "RUNNING"
     cluster.run("scontrol", "requeue", str(job))  # as preemption or a node failure would
     state = cluster.wait(job, 600)
@@ -90,13 +90,13 @@ def test_training_job_completes_and_requeued_job_resumes(cluster, tmp_path):
     assert cluster.restarts(job) == 1
     assert text.count("starting fresh") == 1 and text.count("resuming from") == 1
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
-    assert resumed >= 10
+    assert resumed >= 5
     steps = [int(m.group(1)) for m in STEPS_LINE.finditer(text)]
-    assert steps[0] == 1 and steps[-1] == 60  # loss lines from both runs
+    assert steps[0] == 1 and steps[-1] == 30  # loss lines from both runs
     after = steps[steps.index(resumed + 1, 1):] if resumed + 1 in steps[1:] else []
     assert after and after[0] == resumed + 1  # the second run continued, not restarted at step 1
     assert steps.count(1) == 1
-    assert _saved_step(ckpt) == 60
+    assert _saved_step(ckpt) == 30
 
 
 def test_time_limit_signal_saves_and_requeues(cluster, tmp_path):

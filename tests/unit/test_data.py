@@ -55,6 +55,17 @@ def test_global_batches_are_seeded_permutations():
     assert global_batch_indices(_samples(10), 1, 8, 1, False).tolist() == [8, 9, 0, 1, 2, 3, 4, 5]
 
 
+def test_resume_with_another_batch_size_continues_at_the_consumed_position():
+    """A run saved after 3 steps of 8 (24 samples consumed) resumed with batches of 4 at step 3:
+    the offset 24 - 3 * 4 makes its batches the continuation of the same epoch order."""
+    samples = _samples(96)
+    first = np.concatenate([global_batch_indices(samples, s, 8, 1, True) for s in range(3)])
+    rest = np.concatenate([global_batch_indices(samples, s, 4, 1, True, sample_offset=24 - 3 * 4)
+                           for s in range(3, 21)])
+    whole = np.concatenate([global_batch_indices(samples, s, 8, 1, True) for s in range(12)])
+    assert np.array_equal(np.concatenate([first, rest]), whole)
+
+
 def test_data_parallel_slices_cover_the_global_batch():
     samples = PackedSamples(np.arange(1000, dtype=np.int32), seq_length=8)
     indices = global_batch_indices(samples, 0, 8, 1, True)

@@ -1,0 +1,117 @@
+"""Tier: unit (one training process per run, real ``kill -9``).
+
+A run killed with SIGKILL mid-training resumes from its last checkpoint and reproduces the
+uninterrupted run's losses bit for bit; a run killed while it is saving (three points of the save
+protocol) leaves the previous checkpoint selected and loadable, and the next save removes the
+debris."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from megatron_moe.checkpointing import iteration_dir, resolve
+from megatron_moe.checkpointing.safety import check_files
+from tests.conftest import DEBUG_CONFIG, REPO, check, cli, read_metrics
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _losses(path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(path) if "loss" in r and "step" in r}
+
+
+def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path):
+    common = ["train.steps=10", "logging.interval=1", "checkpoint.interval=4"]
+    reference = tmp_path / "reference.jsonl"
+    check(cli("train", *common, f"logging.metrics_file={reference}"))
+    ckpt, killed = tmp_path / "ckpt", tmp_path / "killed.jsonl"
+    cmd = [sys.executable, "-m", "megatron_moe", "train", "--config", DEBUG_CONFIG]
+    for item in [*common, f"checkpoint.save={ckpt}", f"logging.metrics_file={killed}"]:
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step      6/"):  # after the step-4 save, before the step-8 one
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    _kill_orphans(proc)
+    assert resolve(str(ckpt)) == iteration_dir(ckpt, 4)
+    resumed = tmp_path / "resumed.jsonl"
+    out = check(cli("train", *common, f"checkpoint.load={ckpt}",
+                    f"logging.metrics_file={resumed}"))
+    assert "at step 4 (iter_0000004, 32 samples consumed)" in out.stdout
+    want, got = _losses(reference), _losses(resumed)
+    assert sorted(got) == list(range(5, 11))
+    assert [got[s] for s in got] == [want[s] for s in got]  # bit for bit
+
+
+def _kill_orphans(proc) -> None:
+    """megatron's checkpoint writer keeps a multiprocessing manager process; a SIGKILLed parent
+    leaves it behind (holding the pipe), as any orphan: end the session's leftovers."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.stdout.close()
+
+
+KILLER = r"""
+import os, signal, sys
+from megatron_moe.checkpointing import saveload, store
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+point, step = sys.argv[1], int(sys.argv[2])
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "writing":  # megatron's writer has written the tensor files, not yet the index
+    finish = FileSystemWriterAsync.finish
+    def killing_finish(self, *args, **kwargs):
+        if f".iter_{step:07d}.partial" in str(self.path):
+            die()
+        return finish(self, *args, **kwargs)
+    FileSystemWriterAsync.finish = killing_finish
+elif point == "manifest":  # megatron's save is complete, the manifest not written
+    write_manifest = saveload.write_manifest
+    def killing_manifest(directory, digests):
+        if directory.name == f".iter_{step:07d}.partial":
+            die()
+        return write_manifest(directory, digests)
+    saveload.write_manifest = killing_manifest
+elif point == "tracker":  # iter_<step> renamed into place, tracker not yet replaced
+    write_durably = store._write_durably
+    def killing_write(path, text):
+        if path.name == store.TRACKER and text.strip() == str(step):
+            die()
+        return write_durably(path, text)
+    store._write_durably = killing_write
+from megatron_moe.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("point", ["writing", "manifest", "tracker"])
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
+    ckpt = tmp_path / "ckpt"
+    args = ["train", "--config", DEBUG_CONFIG, "--set", "train.steps=6",
+            "--set", "checkpoint.interval=3", "--set", f"checkpoint.save={ckpt}"]
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, point, "6", *args], cwd=REPO,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    _kill_orphans(proc)
+    assert (ckpt / "latest").read_text().strip() == "3"
+    debris = ckpt / (".iter_0000006.partial" if point != "tracker" else "iter_0000006")
+    assert debris.is_dir()  # the killed save left something behind ...
+    assert resolve(str(ckpt)) == iteration_dir(ckpt, 3)  # ... but step 3 is the one selected
+    check_files(iteration_dir(ckpt, 3))
+    out = check(cli("train", "train.steps=4", f"checkpoint.load={ckpt}",
+                    f"checkpoint.save={ckpt}"))
+    assert "at step 3 (iter_0000003" in out.stdout
+    assert (ckpt / "latest").read_text().strip() == "4"
+    assert not (ckpt / ".iter_0000006.partial").exists()
