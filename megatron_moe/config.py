@@ -143,6 +143,7 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps (0 = only at the end when save is set)
     load_optimizer: bool = True  # also restore optimizer state (under any layout)
     keep_last: int = 0  # keep only the newest N checkpoints in checkpoint.save (0 = keep all)
+    async_save: bool = False  # write the saves in a background process while training goes on
 
 
 @dataclass

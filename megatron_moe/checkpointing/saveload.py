@@ -11,6 +11,7 @@ fails with the file or tensor named instead of deep inside torch.
 
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -51,11 +52,16 @@ def layout(cfg: Config, world_size: int) -> dict:
 
 
 def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, scheduler=None,
-                    extra: dict | None = None, consumed_samples: int | None = None) -> Path:
+                    extra: dict | None = None, consumed_samples: int | None = None,
+                    background: BackgroundSaves | None = None) -> Path:
     """Write ``iter_<step>`` collectively on all ranks (aside, then published; see :mod:`.store`).
 
     Without ``optimizer`` (a converted model) only the weights are written; ``extra`` adds
-    plain values to the checkpoint's common state."""
+    plain values to the checkpoint's common state. With ``background`` the tensor files are
+    written by a forked process while training goes on, and the checkpoint is published when
+    ``background.finish`` finds the write done (see :class:`BackgroundSaves`)."""
+    if background is not None:
+        background.finish(blocking=True)  # one save at a time: the next one clears debris
     rank, world = dist.get_rank(), dist.get_world_size()
     staged = staging_dir(root, step)
     if rank == 0:
@@ -80,15 +86,59 @@ def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, sc
         state["optimizer_format"] = OPTIMIZER_FORMAT
         state["optimizer"] = optimizer.sharded_state_dict(state["model"],
                                                           metadata=OPTIMIZER_METADATA)
-    dist_checkpointing.save(state, str(staged))
+    if background is None:
+        dist_checkpointing.save(state, str(staged))
+        _publish(root, staged, step, cfg.checkpoint.keep_last)
+    else:
+        request = dist_checkpointing.save(state, str(staged), async_sharded_save=True)
+        request.add_finalize_fn(partial(_publish, root, staged, step, cfg.checkpoint.keep_last))
+        background.start(request, iteration_dir(root, step))
+    return iteration_dir(root, step)
+
+
+def _publish(root: str, staged: Path, step: int, keep_last: int) -> None:
+    """Collectively: hash the written files, then (rank 0) manifest, rename, tracker, prune."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     dist.barrier()
     digests = _digests(staged, rank, world)
     if rank == 0:
         write_manifest(staged, digests)
         publish(root, staged, step)
-        prune(root, cfg.checkpoint.keep_last)
+        prune(root, keep_last)
     dist.barrier()
-    return iteration_dir(root, step)
+
+
+class BackgroundSaves:
+    """Asynchronous saves (``checkpoint.async_save``) through megatron-core's async save path.
+
+    ``save_checkpoint(..., background=saves)`` does the collective planning and ``common.pt`` in
+    the training process, then megatron's ``AsyncCallsQueue`` stages the tensors in host memory
+    and forks a writer process. The fork takes a copy-on-write snapshot of the process, so on
+    the CPU, where megatron's host staging is not a copy, the writer still sees the weights of
+    the saved step while the optimizer moves on. ``finish`` must be called on every rank at the
+    same points (the training loop calls it after each step, non-blocking, and blocking at the
+    end and before the next save); once every rank's writer has exited, megatron writes its
+    index and the checkpoint is published exactly as a synchronous one (manifest, rename,
+    tracker). A run killed before that leaves the previous checkpoint selected.
+    """
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._queue = AsyncCallsQueue(persistent=False)
+        self._pending: dict[int, tuple[Path, float]] = {}
+
+    def start(self, request, path: Path) -> None:
+        self._pending[self._queue.schedule_async_request(request)] = (path, time.perf_counter())
+
+    def finish(self, blocking: bool = False) -> list[tuple[Path, float]]:
+        """Publish the saves whose writers are done on all ranks (all of them when blocking);
+        returns their paths with the seconds since each save started."""
+        if not self._pending:
+            return []
+        finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        now = time.perf_counter()
+        return [(path, now - started) for path, started in map(self._pending.pop, finalized)]
 
 
 def _digests(directory: Path, rank: int, world: int) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from megatron_moe.checkpointing import load_checkpoint, save_checkpoint
+from megatron_moe.checkpointing import BackgroundSaves, load_checkpoint, save_checkpoint
 from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.evaluation import validation_loss
@@ -95,16 +95,24 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
                     f"{resumed.consumed_samples} samples consumed)")
     started = time.perf_counter()
     budget = cfg.train.time_budget_minutes * 60 if cfg.train.time_budget_minutes else None
+    saves = BackgroundSaves() if cfg.checkpoint.async_save and cfg.checkpoint.save else None
     with StopRequest() as stop:
-        losses, done, signalled = _steps(run, logger, start, started, budget, stop)
+        losses, done, signalled = _steps(run, logger, start, started, budget, stop, saves)
+    if saves is not None:  # the last save is published before the run ends
+        _note_published(logger, saves.finish(blocking=True))
     if not signalled:  # a stopped job leaves quickly: the time limit is near
         logger.log_eval(done, validation_loss(run))
     logger.close()
     return losses
 
 
+def _note_published(logger: MetricsLogger, published) -> None:
+    for path, seconds in published:
+        logger.note(f"saved checkpoint {path} (written in the background, {seconds:.1f}s)")
+
+
 def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
-           stop: StopRequest) -> tuple[list[float], int, bool]:
+           stop: StopRequest, saves: BackgroundSaves | None) -> tuple[list[float], int, bool]:
     """The step loop; ends early (after a save) on the time budget or a stop signal.
 
     Returns the losses, the last completed step and whether a stop signal ended it.
@@ -127,11 +135,17 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
             logger.log_eval(done, validation_loss(run))
         if cfg.train.bleu_interval and done % cfg.train.bleu_interval == 0:
             logger.note(f"step {done}: {periodic_bleu(run)}")
+        if saves is not None:
+            _note_published(logger, saves.finish())
         interval = cfg.checkpoint.interval
         if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
+            if saves is not None:  # one save at a time: wait for the previous one
+                _note_published(logger, saves.finish(blocking=True))
             path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
-                                   run.scheduler, consumed_samples=run.consumed_samples(done))
-            logger.note(f"saved checkpoint {path}")
+                                   run.scheduler, consumed_samples=run.consumed_samples(done),
+                                   background=saves)
+            if saves is None:
+                logger.note(f"saved checkpoint {path}")
         if signalled:
             saved = "checkpoint saved" if cfg.checkpoint.save else "no checkpoint.save set"
             logger.note(f"stop signal ({stop.received or 'received by another rank'}) after "

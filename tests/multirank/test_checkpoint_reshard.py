@@ -2,7 +2,8 @@
 
 Resharding: a run saved under (TP, PP, EP) = (1, 2, 2) resumes under (2, 1, 2) and (1, 1, 1) with
 its optimizer state (megatron's distributed optimizer, fully reshardable format) and continues
-the original loss curve; without the optimizer state it does not. Crash: a 4-rank (TP2, EP2) run
+the original loss curve; without the optimizer state it does not. That save is a background one
+(``checkpoint.async_save``), written while the original run goes on to steps 7 and 8. Crash: a 4-rank (TP2, EP2) run
 killed with SIGKILL resumes and matches the uninterrupted run; a damaged checkpoint fails on every
 rank with one clear error instead of a hang."""
 
@@ -26,11 +27,11 @@ def _losses(path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory):
-    """(1, 2, 2) on 4 ranks (DP 2), saved at step 6, continued to step 8."""
+    """(1, 2, 2) on 4 ranks (DP 2), saved in the background at step 6, continued to step 8."""
     root = tmp_path_factory.mktemp("reshard")
     check(cli("train", *COMMON, "parallel.pp=2", "parallel.ep=2", "checkpoint.interval=6",
-              f"checkpoint.save={root / 'ckpt'}", f"logging.metrics_file={root / 'm.jsonl'}",
-              nproc=4))
+              "checkpoint.async_save=true", f"checkpoint.save={root / 'ckpt'}",
+              f"logging.metrics_file={root / 'm.jsonl'}", nproc=4))
     return iteration_dir(root / "ckpt", 6), _losses(root / "m.jsonl")
 
 

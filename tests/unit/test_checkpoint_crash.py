@@ -2,8 +2,9 @@
 
 A run killed with SIGKILL mid-training resumes from its last checkpoint and reproduces the
 uninterrupted run's losses bit for bit; a run killed while it is saving (three points of the save
-protocol) leaves the previous checkpoint selected and loadable, and the next save removes the
-debris."""
+protocol, and the background save) leaves the previous checkpoint selected and loadable, and the
+next save removes the debris. A background save (``checkpoint.async_save``) whose writer is slowed
+down holds the state of the step it was started at."""
 
 import os
 import signal
@@ -23,13 +24,21 @@ def _losses(path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(path) if "loss" in r and "step" in r}
 
 
-def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path):
-    common = ["train.steps=10", "logging.interval=1", "checkpoint.interval=4"]
-    reference = tmp_path / "reference.jsonl"
-    check(cli("train", *common, f"logging.metrics_file={reference}"))
+COMMON = ["train.steps=10", "logging.interval=1", "checkpoint.interval=4"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The losses of an uninterrupted 10-step run without checkpoints."""
+    metrics = tmp_path_factory.mktemp("reference") / "reference.jsonl"
+    check(cli("train", *COMMON, f"logging.metrics_file={metrics}"))
+    return _losses(metrics)
+
+
+def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path, reference):
     ckpt, killed = tmp_path / "ckpt", tmp_path / "killed.jsonl"
     cmd = [sys.executable, "-m", "megatron_moe", "train", "--config", DEBUG_CONFIG]
-    for item in [*common, f"checkpoint.save={ckpt}", f"logging.metrics_file={killed}"]:
+    for item in [*COMMON, f"checkpoint.save={ckpt}", f"logging.metrics_file={killed}"]:
         cmd += ["--set", item]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -41,10 +50,10 @@ def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path):
     _kill_orphans(proc)
     assert resolve(str(ckpt)) == iteration_dir(ckpt, 4)
     resumed = tmp_path / "resumed.jsonl"
-    out = check(cli("train", *common, f"checkpoint.load={ckpt}",
+    out = check(cli("train", *COMMON, f"checkpoint.load={ckpt}",
                     f"logging.metrics_file={resumed}"))
     assert "at step 4 (iter_0000004, 32 samples consumed)" in out.stdout
-    want, got = _losses(reference), _losses(resumed)
+    want, got = reference, _losses(resumed)
     assert sorted(got) == list(range(5, 11))
     assert [got[s] for s in got] == [want[s] for s in got]  # bit for bit
 
@@ -83,6 +92,13 @@ elif point == "manifest":  # megatron's save is complete, the manifest not writt
             die()
         return write_manifest(directory, digests)
     saveload.write_manifest = killing_manifest
+elif point == "slow_writer":  # the background writer starts 3 s late: training moves on
+    import time
+    write = FileSystemWriterAsync.write_preloaded_data_multiproc
+    def slow_write(*args, **kwargs):
+        time.sleep(3)
+        return write(*args, **kwargs)
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
 elif point == "tracker":  # iter_<step> renamed into place, tracker not yet replaced
     write_durably = store._write_durably
     def killing_write(path, text):
@@ -95,14 +111,22 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("point", ["writing", "manifest", "tracker"])
-def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
+def _hooked(point: str, step: int, *overrides: str) -> list[str]:
+    """The command running the CLI's ``train`` under the hook ``point`` (see KILLER)."""
+    cmd = [sys.executable, "-c", KILLER, point, str(step), "train", "--config", DEBUG_CONFIG]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+@pytest.mark.parametrize("point,async_save", [("writing", False), ("manifest", False),
+                                              ("tracker", False), ("writing", True)])
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point, async_save):
     ckpt = tmp_path / "ckpt"
-    args = ["train", "--config", DEBUG_CONFIG, "--set", "train.steps=6",
-            "--set", "checkpoint.interval=3", "--set", f"checkpoint.save={ckpt}"]
-    proc = subprocess.Popen([sys.executable, "-c", KILLER, point, "6", *args], cwd=REPO,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = _hooked(point, 6, "train.steps=6", "checkpoint.interval=3", f"checkpoint.save={ckpt}",
+                  f"checkpoint.async_save={str(async_save).lower()}")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert proc.wait(timeout=300) == -signal.SIGKILL
     _kill_orphans(proc)
     assert (ckpt / "latest").read_text().strip() == "3"
@@ -115,3 +139,32 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point):
     assert "at step 3 (iter_0000003" in out.stdout
     assert (ckpt / "latest").read_text().strip() == "4"
     assert not (ckpt / ".iter_0000006.partial").exists()
+
+
+def test_background_save_holds_the_step_it_was_started_at(tmp_path, reference):
+    """The writer of the step-4 save sleeps 3 s while training runs on to later steps; resuming
+    from iter_0000004 still reproduces the uninterrupted run bit for bit, and the saves do not
+    change the training losses."""
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "async.jsonl"
+    proc = subprocess.run(_hooked("slow_writer", 0, *COMMON, f"checkpoint.save={ckpt}",
+                                  "checkpoint.async_save=true", f"logging.metrics_file={metrics}"),
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    check(proc)
+    assert _losses(metrics) == reference
+    lines = proc.stdout.splitlines()
+    published = [line for line in lines if "written in the background" in line]
+    # training went on while the step-4 checkpoint was being written
+    assert lines.index(published[0]) > next(i for i, line in enumerate(lines)
+                                            if line.startswith("step      6/"))
+    assert [line.split("saved checkpoint ")[1].split()[0] for line in published] == [
+        str(iteration_dir(ckpt, s)) for s in (4, 8, 10)]
+    assert (ckpt / "latest").read_text().strip() == "10"
+    for step in (4, 8, 10):
+        check_files(iteration_dir(ckpt, step))
+    resumed = tmp_path / "resumed.jsonl"
+    out = check(cli("train", *COMMON, f"checkpoint.load={iteration_dir(ckpt, 4)}",
+                    f"logging.metrics_file={resumed}"))
+    assert "at step 4 (iter_0000004, 32 samples consumed)" in out.stdout
+    got = _losses(resumed)
+    assert sorted(got) == list(range(5, 11))
+    assert [got[s] for s in got] == [reference[s] for s in got]  # bit for bit
