@@ -3,7 +3,7 @@
 A checkpoint saved at (TP,PP,EP) = (1,1,1) gives the same validation loss under every other layout
 and both token dispatchers: megatron-core's TP/SP, PP (1F1B), EP (alltoall and allgather) and DP
 paths compute the same model on CPU, and the weights reshard. (Training continued under another
-layout, optimizer included: test_checkpoint_reshard.py.)
+layout, optimizer included, for 5 steps under (2,1,2) and (1,1,1): test_checkpoint_reshard.py.)
 """
 
 import pytest
@@ -14,7 +14,8 @@ LAYOUTS = [  # (tp, pp, ep, dispatcher, world size); DP = world / (tp * pp), EP 
     (2, 1, 1, "alltoall", 2), (1, 2, 1, "alltoall", 2),
     (1, 1, 2, "alltoall", 2), (1, 1, 2, "allgather", 2),
     (2, 2, 1, "alltoall", 4),
-    (1, 2, 2, "alltoall", 4), (2, 1, 2, "allgather", 4),
+    (1, 2, 2, "alltoall", 4), (1, 2, 2, "allgather", 4),
+    (2, 1, 2, "alltoall", 4), (2, 1, 2, "allgather", 4),
 ]
 
 

@@ -39,11 +39,11 @@ def _cache_worker(rank, world, overrides):
     env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
     run = setup_run(cfg, env, training=False, inference=True)
     load_checkpoint(cfg.checkpoint.load, cfg, run.model)
-    prompts = [run.valid_samples.pair(i)[0].tolist() for i in range(0, 400, 10)]
+    prompts = [run.valid_samples.pair(i)[0].tolist() for i in range(0, 400, 25)]
     cached = greedy_decode(run.model, prompts, 3, 2000, max_new_tokens=12, use_cache=True)
     full = greedy_decode(run.model, prompts, 3, 2000, max_new_tokens=12, use_cache=False)
     assert cached == full
-    assert sum(len(x) for x in cached) > 40  # it generated something
+    assert sum(len(x) for x in cached) > 16  # it generated something
 
 
 @pytest.mark.multirank

@@ -119,8 +119,8 @@ def _hooked(point: str, step: int, *overrides: str) -> list[str]:
     return cmd
 
 
-@pytest.mark.parametrize("point,async_save", [("writing", False), ("manifest", False),
-                                              ("tracker", False), ("writing", True)])
+@pytest.mark.parametrize("point,async_save", [("manifest", False), ("tracker", False),
+                                              ("writing", True)])
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point, async_save):
     ckpt = tmp_path / "ckpt"
     cmd = _hooked(point, 6, "train.steps=6", "checkpoint.interval=3", f"checkpoint.save={ckpt}",
