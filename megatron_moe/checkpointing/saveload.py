@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -117,28 +118,30 @@ class BackgroundSaves:
     the CPU, where megatron's host staging is not a copy, the writer still sees the weights of
     the saved step while the optimizer moves on. ``finish`` must be called on every rank at the
     same points (the training loop calls it after each step, non-blocking, and blocking at the
-    end and before the next save); once every rank's writer has exited, megatron writes its
-    index and the checkpoint is published exactly as a synchronous one (manifest, rename,
-    tracker). A run killed before that leaves the previous checkpoint selected.
+    end; ``save_checkpoint`` waits for the previous save before it starts the next); once every
+    rank's writer has exited, megatron writes its index and the checkpoint is published exactly
+    as a synchronous one (manifest, rename, tracker), then ``on_published(path, seconds)`` is
+    called. A run killed before that leaves the previous checkpoint selected.
     """
 
-    def __init__(self):
+    def __init__(self, on_published: Callable[[Path, float], None] = lambda path, seconds: None):
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._queue = AsyncCallsQueue(persistent=False)
         self._pending: dict[int, tuple[Path, float]] = {}
+        self._on_published = on_published
 
     def start(self, request, path: Path) -> None:
         self._pending[self._queue.schedule_async_request(request)] = (path, time.perf_counter())
 
-    def finish(self, blocking: bool = False) -> list[tuple[Path, float]]:
-        """Publish the saves whose writers are done on all ranks (all of them when blocking);
-        returns their paths with the seconds since each save started."""
+    def finish(self, blocking: bool = False) -> None:
+        """Publish the saves whose writers are done on all ranks (all of them when blocking)."""
         if not self._pending:
-            return []
+            return
         finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
         now = time.perf_counter()
-        return [(path, now - started) for path, started in map(self._pending.pop, finalized)]
+        for path, started in map(self._pending.pop, finalized):
+            self._on_published(path, now - started)
 
 
 def _digests(directory: Path, rank: int, world: int) -> dict[str, str]:

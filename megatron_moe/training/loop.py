@@ -95,20 +95,18 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
                     f"{resumed.consumed_samples} samples consumed)")
     started = time.perf_counter()
     budget = cfg.train.time_budget_minutes * 60 if cfg.train.time_budget_minutes else None
-    saves = BackgroundSaves() if cfg.checkpoint.async_save and cfg.checkpoint.save else None
+    saves = None
+    if cfg.checkpoint.async_save and cfg.checkpoint.save:
+        saves = BackgroundSaves(lambda path, seconds: logger.note(
+            f"saved checkpoint {path} (written in the background, {seconds:.1f}s)"))
     with StopRequest() as stop:
         losses, done, signalled = _steps(run, logger, start, started, budget, stop, saves)
     if saves is not None:  # the last save is published before the run ends
-        _note_published(logger, saves.finish(blocking=True))
+        saves.finish(blocking=True)
     if not signalled:  # a stopped job leaves quickly: the time limit is near
         logger.log_eval(done, validation_loss(run))
     logger.close()
     return losses
-
-
-def _note_published(logger: MetricsLogger, published) -> None:
-    for path, seconds in published:
-        logger.note(f"saved checkpoint {path} (written in the background, {seconds:.1f}s)")
 
 
 def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
@@ -136,11 +134,9 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
         if cfg.train.bleu_interval and done % cfg.train.bleu_interval == 0:
             logger.note(f"step {done}: {periodic_bleu(run)}")
         if saves is not None:
-            _note_published(logger, saves.finish())
+            saves.finish()
         interval = cfg.checkpoint.interval
         if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
-            if saves is not None:  # one save at a time: wait for the previous one
-                _note_published(logger, saves.finish(blocking=True))
             path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
                                    run.scheduler, consumed_samples=run.consumed_samples(done),
                                    background=saves)
