@@ -134,6 +134,8 @@ class DataConfig:
     #                            (PP = 1; the loss is unchanged)
     test_path: Optional[str] = None  # translation: raw test pairs for BLEU (None = dir's test split)
     max_new_tokens: int = 64  # translation: longest generated target
+    max_length_ratio: float = 0.0  # translation: also stop after ratio x prompt + 8 tokens (0 = off)
+    no_repeat_ngram: int = 0  # translation: never repeat an n-gram of this size (0 = off)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from megatron_moe.data.corpus import DataError
 from megatron_moe.data.pairs import Pair, read_pairs
 from megatron_moe.data.preprocess import EOS, SEP, lang_tag
 from megatron_moe.data.translation import load_meta
-from megatron_moe.generation import greedy_decode
+from megatron_moe.generation import Limits, greedy_decode
 
 
 class Translator:
@@ -31,8 +31,9 @@ class Translator:
 
     def translate(self, items: list[tuple[str, str]], show_progress: bool = False) -> list[str]:
         prompts = [self.prompt(lang, src) for lang, src in items]
-        outputs = greedy_decode(self.run.model, prompts, EOS, self.meta["vocab_size"],
-                                max_new_tokens=self.cfg.data.max_new_tokens,
+        d = self.cfg.data
+        limits = Limits(d.max_new_tokens, d.max_length_ratio, d.no_repeat_ngram)
+        outputs = greedy_decode(self.run.model, prompts, EOS, self.meta["vocab_size"], limits,
                                 show_progress=show_progress)
         return [self.sp.decode(ids) for ids in outputs]
 

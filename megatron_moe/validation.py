@@ -48,6 +48,14 @@ def validate(cfg: Config, world_size: int,
                           f"by python -m megatron_moe preprocess")
     if cfg.data.bucket_window < 0:
         raise ConfigError(f"data.bucket_window ({cfg.data.bucket_window}) must be >= 0")
+    if cfg.data.max_new_tokens < 1:
+        raise ConfigError(f"data.max_new_tokens ({cfg.data.max_new_tokens}) must be >= 1")
+    if cfg.data.max_length_ratio < 0:
+        raise ConfigError(f"data.max_length_ratio ({cfg.data.max_length_ratio}) must be >= 0 "
+                          f"(0 = off)")
+    if cfg.data.no_repeat_ngram < 0 or cfg.data.no_repeat_ngram == 1:
+        raise ConfigError(f"data.no_repeat_ngram ({cfg.data.no_repeat_ngram}) must be 0 (off) "
+                          f"or >= 2")
     if cfg.data.temperature <= 0:
         raise ConfigError(f"data.temperature ({cfg.data.temperature}) must be positive")
     if moe.topk > moe.num_experts:

@@ -54,6 +54,7 @@ class TranslationSamples:
         self.num_truncated = int((lengths > seq_length + 1).sum())
         self.lengths = np.minimum(lengths, seq_length + 1)
         self.bucket = bucket
+        self._orders: dict[tuple[int, int], np.ndarray] = {}  # the last two epochs' orders
 
     def __len__(self) -> int:
         return len(self.langs)
@@ -73,7 +74,19 @@ class TranslationSamples:
         return tokens, mask
 
     def order(self, epoch: int, seed: int) -> np.ndarray:
-        """Pair indices of one epoch (len(self) draws), temperature-sampled over languages."""
+        """Pair indices of one epoch (len(self) draws), temperature-sampled over languages.
+
+        Computed once per epoch (~45 ms for L10N-10, which would be a tenth of a CPU step)."""
+        key = (int(epoch), int(seed))
+        if key not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(next(iter(self._orders)))
+            order = self._draw_order(*key)
+            order.flags.writeable = False
+            self._orders[key] = order
+        return self._orders[key]
+
+    def _draw_order(self, epoch: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng([seed, epoch, 17])
         langs = np.unique(self.langs)
         counts = np.array([(self.langs == lang).sum() for lang in langs], dtype=np.float64)

@@ -73,9 +73,9 @@ def routing_metrics(cfg: Config, stats: dict) -> tuple[dict, dict]:
 class MetricsLogger:
     """Prints one line per logging interval on rank 0 and mirrors it to TensorBoard."""
 
-    def __init__(self, cfg: Config, is_main: bool, stream=sys.stdout):
+    def __init__(self, cfg: Config, is_main: bool, stream=None):
         self.is_main = is_main
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout  # as it is now, not at import
         self.writer = None
         self.metrics = None
         if is_main and cfg.logging.metrics_file:

@@ -21,6 +21,7 @@ def _free_port() -> int:
 
 def _entry(rank, world, port, fn, args, errors):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)  # torch was imported before the variable was set: N ranks, 2 cores
     try:
         fn(rank, world, *args)
     except BaseException:  # report the worker's traceback in the test failure

@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
 def _cache_worker(rank, world, overrides):
     from megatron_moe.checkpointing import load_checkpoint
     from megatron_moe.config import load_config
-    from megatron_moe.generation import greedy_decode
+    from megatron_moe.generation import Limits, greedy_decode
     from megatron_moe.runtime.distributed import LaunchEnv
     from megatron_moe.training.setup import setup_run
     from tests.conftest import DEBUG_CONFIG
@@ -40,10 +40,17 @@ def _cache_worker(rank, world, overrides):
     run = setup_run(cfg, env, training=False, inference=True)
     load_checkpoint(cfg.checkpoint.load, cfg, run.model)
     prompts = [run.valid_samples.pair(i)[0].tolist() for i in range(0, 400, 25)]
-    cached = greedy_decode(run.model, prompts, 3, 2000, max_new_tokens=12, use_cache=True)
-    full = greedy_decode(run.model, prompts, 3, 2000, max_new_tokens=12, use_cache=False)
+    cached = greedy_decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=True)
+    full = greedy_decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=False)
     assert cached == full
     assert sum(len(x) for x in cached) > 16  # it generated something
+    limits = Limits(max_new_tokens=12, max_length_ratio=0.3, no_repeat_ngram=2)
+    limited = greedy_decode(run.model, prompts, 3, 2000, limits, use_cache=True)
+    assert limited == greedy_decode(run.model, prompts, 3, 2000, limits, use_cache=False)
+    for prompt, out in zip(prompts, limited):
+        assert len(out) <= limits.new_tokens(len(prompt))
+        bigrams = list(zip(out, out[1:]))
+        assert len(bigrams) == len(set(bigrams)), out
 
 
 @pytest.mark.multirank
