@@ -41,16 +41,40 @@ def spawn(fn, world: int, *args) -> None:
         raise AssertionError("\n".join(errors.values()) or str(e)) from None
 
 
-def init(rank: int, world: int, overrides: list[str]):
-    """Process group + megatron groups for the debug config with ``overrides``; returns cfg."""
+def launch_env(rank: int, world: int):
+    """The LaunchEnv of a rank started by :func:`spawn` (as torchrun would describe it)."""
+    from megatron_moe.runtime.distributed import LaunchEnv
+
+    return LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
+
+
+def config(world: int, overrides: list[str]):
+    """The debug config with ``overrides``, validated for ``world`` ranks."""
     from megatron_moe.config import load_config
     from megatron_moe.validation import validate
-    from megatron_moe.runtime.distributed import LaunchEnv, init_distributed
 
     cfg = load_config(DEBUG_CONFIG, overrides)
     validate(cfg, world)
-    init_distributed(cfg, LaunchEnv(rank, world, rank, "127.0.0.1",
-                                    int(os.environ["MASTER_PORT"]), "torchrun"))
+    return cfg
+
+
+def configs_in_turn(world: int, override_lists):
+    """One validated config per override list; megatron's parallel groups are destroyed after
+    each, so the next run in the same ranks builds its own layout (put this first in a ``zip``,
+    so that the last run's groups are destroyed too)."""
+    from megatron.core import parallel_state
+
+    for overrides in override_lists:
+        yield config(world, overrides)
+        parallel_state.destroy_model_parallel()
+
+
+def init(rank: int, world: int, overrides: list[str]):
+    """Process group + megatron groups for the debug config with ``overrides``; returns cfg."""
+    from megatron_moe.runtime.distributed import init_distributed
+
+    cfg = config(world, overrides)
+    init_distributed(cfg, launch_env(rank, world))
     return cfg
 
 

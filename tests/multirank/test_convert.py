@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, check, cli, last_json
-from tests.multirank._dist import spawn
+from tests.multirank._dist import launch_env, spawn
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.multirank
@@ -38,9 +38,8 @@ def _hf_logits(directory, tokens):
 
 def _logits_worker(rank, world, ckpt, tp, ep, tokens, out):
     from megatron_moe.convert import model_io
-    from megatron_moe.runtime.distributed import LaunchEnv
 
-    env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
+    env = launch_env(rank, world)
     model, _, _ = model_io.load(str(ckpt), env, tp=tp, ep=ep)
     logits = model_io.logits(model, tokens)
     if rank == 0:

@@ -10,13 +10,11 @@ another in the same ranks (megatron's parallel groups rebuilt for each) through 
 load-and-evaluate functions, which saves a process start-up per layout.
 """
 
-import os
-
 import pytest
 import torch.multiprocessing as mp
 
-from tests.conftest import DEBUG_CONFIG, check, cli, last_json
-from tests.multirank._dist import spawn
+from tests.conftest import check, cli, last_json
+from tests.multirank._dist import configs_in_turn, launch_env, spawn
 
 LAYOUTS = {  # world size -> (tp, pp, ep, dispatcher); DP = world / (tp * pp), EP from DP*TP
     2: [(2, 1, 1, "alltoall"), (1, 2, 1, "alltoall"), (1, 1, 2, "alltoall"),
@@ -32,20 +30,13 @@ def _layout(tp, pp, ep, dispatcher="alltoall"):
 
 
 def _evaluate_layouts(rank, world, checkpoint, results):
-    from megatron.core import parallel_state
-
     from megatron_moe.cli import _load_for_inference
-    from megatron_moe.config import load_config
-    from megatron_moe.runtime.distributed import LaunchEnv
     from megatron_moe.training.evaluation import validation_loss
-    from megatron_moe.validation import validate
 
-    env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
-    for layout in LAYOUTS[world]:
-        cfg = load_config(DEBUG_CONFIG, [f"checkpoint.load={checkpoint}", *_layout(*layout)])
-        validate(cfg, world)
+    env = launch_env(rank, world)
+    overrides = [[f"checkpoint.load={checkpoint}", *_layout(*layout)] for layout in LAYOUTS[world]]
+    for cfg, layout in zip(configs_in_turn(world, overrides), LAYOUTS[world]):
         loss = validation_loss(_load_for_inference(cfg, env))
-        parallel_state.destroy_model_parallel()
         if rank == 0:
             results[layout] = loss
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import check, cli, read_metrics
-from tests.multirank._dist import build_moe_layer, init, rank_input, spawn
+from tests.multirank._dist import build_moe_layer, init, launch_env, rank_input, spawn
 
 
 def _reference_cr(logits_2BSV, labels, mask):
@@ -75,16 +75,13 @@ def test_adaptive_threshold_and_expert_token_counts():
 
 
 def _smoe_checkpoint_worker(rank, world, ckpt, overrides):
-    import os
-
     from megatron_moe.checkpointing import load_checkpoint
     from megatron_moe.config import load_config
-    from megatron_moe.runtime.distributed import LaunchEnv
     from megatron_moe.training.setup import setup_run
     from tests.conftest import DEBUG_CONFIG
 
     cfg = load_config(DEBUG_CONFIG, overrides)
-    env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
+    env = launch_env(rank, world)
     run = setup_run(cfg, env, training=False)
     params = dict(run.model.named_parameters())
     routers = {n: p.detach().clone() for n, p in params.items() if "router" in n}

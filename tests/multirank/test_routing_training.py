@@ -9,12 +9,11 @@ run; rank 0's output of each run is kept to check that the final validation ran.
 
 import contextlib
 import math
-import os
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, read_metrics
-from tests.multirank._dist import spawn
+from tests.conftest import read_metrics
+from tests.multirank._dist import configs_in_turn, launch_env, spawn
 
 LAYOUTS = {  # name -> overrides
     "tp2_ep2": ["parallel.tp=2", "parallel.ep=2"],
@@ -33,22 +32,14 @@ METHODS = {  # name -> (overrides, metric that must be logged)
 
 
 def _train_methods(rank, world, layout, out_dir):
-    from megatron.core import parallel_state
-
-    from megatron_moe.config import load_config
-    from megatron_moe.runtime.distributed import LaunchEnv
     from megatron_moe.training.loop import train
-    from megatron_moe.validation import validate
 
-    env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
-    for method, (overrides, _) in METHODS.items():
-        cfg = load_config(DEBUG_CONFIG, ["train.steps=20", "logging.interval=5",
-                                         f"logging.metrics_file={out_dir}/{method}.jsonl",
-                                         *LAYOUTS[layout], *overrides])
-        validate(cfg, world)
+    env = launch_env(rank, world)
+    runs = [["train.steps=20", "logging.interval=5", f"logging.metrics_file={out_dir}/{method}.jsonl",
+             *LAYOUTS[layout], *overrides] for method, (overrides, _) in METHODS.items()]
+    for cfg, method in zip(configs_in_turn(world, runs), METHODS):
         with open(f"{out_dir}/{method}.{rank}.out", "w") as out, contextlib.redirect_stdout(out):
             train(cfg, env)
-        parallel_state.destroy_model_parallel()
 
 
 @pytest.mark.multirank

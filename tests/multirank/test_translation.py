@@ -3,7 +3,6 @@ KV-cache greedy decoding equals decoding without the cache token for token (sing
 TP=2), and the evaluate / translate commands produce BLEU tables, JSON and translations."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 from megatron_moe.data.corpus import default_path
 from megatron_moe.data.preprocess import preprocess
 from tests.conftest import REPO, check, cli
-from tests.multirank._dist import spawn
+from tests.multirank._dist import launch_env, spawn
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,11 @@ def _cache_worker(rank, world, overrides):
     from megatron_moe.checkpointing import load_checkpoint
     from megatron_moe.config import load_config
     from megatron_moe.generation import Limits, greedy_decode
-    from megatron_moe.runtime.distributed import LaunchEnv
     from megatron_moe.training.setup import setup_run
     from tests.conftest import DEBUG_CONFIG
 
     cfg = load_config(DEBUG_CONFIG, overrides)
-    env = LaunchEnv(rank, world, rank, "127.0.0.1", int(os.environ["MASTER_PORT"]), "torchrun")
+    env = launch_env(rank, world)
     run = setup_run(cfg, env, training=False, inference=True)
     load_checkpoint(cfg.checkpoint.load, cfg, run.model)
     prompts = [run.valid_samples.pair(i)[0].tolist() for i in range(0, 400, 25)]
