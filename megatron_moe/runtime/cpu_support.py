@@ -33,18 +33,17 @@ What it changes, and why (each item is one function below):
    ``set_rng_state``, ``manual_seed`` and megatron's private ``_get/_set_cuda_rng_state``) map to
    the CPU default generator. The tracker then forks/restores the generator that CPU kernels
    actually draw from, which keeps tensor-parallel weight init and dropout reproducible.
-5. ``moe_utils.te_general_gemm`` is referenced by the router even when TransformerEngine is not
-   importable, where 0.16.1 forgets to define it (NameError); define it as ``None``.
-6. ``moe_utils.maybe_move_tensor_to_cpu`` only converts CUDA tensors, so on CPU the alltoall
+5. ``moe_utils.maybe_move_tensor_to_cpu`` only converts CUDA tensors, so on CPU the alltoall
    dispatcher's split sizes stay tensors and gloo's ``all_to_all_single`` rejects them; convert
    CPU tensors to numpy too when ``as_numpy`` is requested (the dispatcher then calls ``tolist()``).
-7. ``mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with explicit (uneven)
+6. ``mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with explicit (uneven)
    split sizes use ``all_gather``/``reduce_scatter`` over tensor lists of different shapes, which gloo
    refuses (the alltoall dispatcher does this under TP>1). Replace the uneven case with a padded
    even all-gather (gather) and an all-reduce followed by a local slice (reduce-scatter).
 
 Not handled here because it is not CPU-specific: megatron's ``WrappedTorchNorm`` refuses sequence
 parallelism on any device without apex/TE; :mod:`megatron_moe.model.norm` provides the replacement.
+The router's missing ``te_general_gemm`` without TE is fixed in :mod:`megatron_moe.runtime.te_fallback`.
 ``dist_checkpointing`` needs ``psutil`` on every device (a requirement, not a patch).
 """
 
@@ -198,12 +197,10 @@ def _install_rng_mapping() -> None:
     )
 
 
-# 5./6. ---------------------------------------------------------------------------------------
+# 5. ------------------------------------------------------------------------------------------
 def _fix_moe_utils() -> None:
     from megatron.core.transformer.moe import moe_utils
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     original = moe_utils.maybe_move_tensor_to_cpu
 
     def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
@@ -218,7 +215,7 @@ def _fix_moe_utils() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
-# 7. ------------------------------------------------------------------------------------------
+# 6. ------------------------------------------------------------------------------------------
 def _fix_uneven_collectives() -> None:
     from megatron.core.tensor_parallel import mappings
 

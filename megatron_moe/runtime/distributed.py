@@ -19,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_moe.config import Config
 from megatron_moe.runtime.cpu_support import apply_cpu_support, cuda_available, distributed_backend
+from megatron_moe.runtime.te_fallback import apply_te_fallbacks
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def launch_env(environ=None) -> LaunchEnv:
 
 def init_distributed(cfg: Config, env: LaunchEnv) -> None:
     """Default process group, megatron's parallel groups and its RNG tracker."""
+    apply_te_fallbacks()
     apply_cpu_support()
     if cuda_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())

@@ -69,3 +69,30 @@ def test_cpu_layer_maps_cuda_to_cpu():
         print("mapped")
     """)
     assert "mapped" in out
+
+
+def test_router_gating_runs_without_transformer_engine():
+    """megatron-core 0.16.1's router GEMM names ``te_general_gemm`` even when TransformerEngine is
+    absent (NameError on CPU and on an H100 alike); the fallback is applied on every device."""
+    out = _run("""
+        import importlib.util
+        import torch
+        from megatron.core.transformer.moe import moe_utils
+        from megatron_moe.runtime.te_fallback import apply_te_fallbacks
+        assert importlib.util.find_spec("transformer_engine") is None, "test needs no TE"
+        inp = torch.randn(3, 2, 8, requires_grad=True)
+        weight = torch.randn(4, 8, requires_grad=True)
+        try:
+            moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+            raise AssertionError("megatron-core defines te_general_gemm now: drop the fallback")
+        except NameError:
+            pass
+        apply_te_fallbacks()
+        apply_te_fallbacks()  # idempotent
+        logits = moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+        torch.testing.assert_close(logits, inp @ weight.t())
+        logits.sum().backward()
+        torch.testing.assert_close(weight.grad, inp.detach().reshape(-1, 8).sum(0).expand(4, 8))
+        print("gated")
+    """)
+    assert "gated" in out
