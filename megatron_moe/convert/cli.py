@@ -54,9 +54,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from megatron_moe.runtime.distributed import LaunchEnv, _free_port
+    from megatron_moe.runtime.distributed import single_process
 
-    env = LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    env = single_process()
     with staged_directory(args.output, args.force, ConversionError) as tmp:
         if args.to == "hf":
             diff = export_hf(args, env, tmp)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +43,11 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def single_process() -> LaunchEnv:
+    """One process without a launcher. It needs no rendezvous: its process group uses an in-process
+    store, so no port is opened (a port picked as free and bound later can be taken in between by
+    another job on the node: seen as EADDRINUSE with eight test workers on one machine)."""
+    return LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 def launch_env(environ=None) -> LaunchEnv:
@@ -61,7 +61,7 @@ def launch_env(environ=None) -> LaunchEnv:
         port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "9500")) % 10000))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                          int(env.get("SLURM_LOCALID", 0)), addr, port, "slurm")
-    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return single_process()
 
 
 def init_distributed(cfg: Config, env: LaunchEnv) -> None:
@@ -71,13 +71,13 @@ def init_distributed(cfg: Config, env: LaunchEnv) -> None:
     if cuda_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=distributed_backend(),
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=10),
-        )
+        if env.launcher == "single":
+            rendezvous = {"store": dist.HashStore()}
+        else:
+            rendezvous = {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
+        dist.init_process_group(backend=distributed_backend(), rank=env.rank,
+                                world_size=env.world_size,
+                                timeout=datetime.timedelta(minutes=10), **rendezvous)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_moe.checkpointing import iteration_dir, resolve
 from megatron_moe.checkpointing.safety import check_files
@@ -24,6 +25,12 @@ def _losses(path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(path) if "loss" in r and "step" in r}
 
 
+# Bit-for-bit is a CPU property. On an H100 (torch 2.11, bf16) two uninterrupted runs already
+# differ at step 1 (5.95209 vs 5.95156): CUDA's scatter-add atomics in the MoE permutation sum in
+# a varying order. There resuming continues the curve within that noise, not bit for bit.
+cpu_bit_exact = pytest.mark.skipif(torch.cuda.is_available(),
+                                   reason="bit-for-bit equality holds on CPU only")
+
 COMMON = ["train.steps=10", "logging.interval=1", "checkpoint.interval=4"]
 
 
@@ -35,6 +42,7 @@ def reference(tmp_path_factory):
     return _losses(metrics)
 
 
+@cpu_bit_exact
 def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path, reference):
     ckpt, killed = tmp_path / "ckpt", tmp_path / "killed.jsonl"
     cmd = [sys.executable, "-m", "megatron_moe", "train", "--config", DEBUG_CONFIG]
@@ -141,6 +149,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point, async_s
     assert not (ckpt / ".iter_0000006.partial").exists()
 
 
+@cpu_bit_exact
 def test_background_save_holds_the_step_it_was_started_at(tmp_path, reference):
     """The writer of the step-4 save sleeps 3 s while training runs on to later steps; resuming
     from iter_0000004 still reproduces the uninterrupted run bit for bit, and the saves do not
