@@ -13,6 +13,7 @@ from megatron_moe.checkpointing import BackgroundSaves, load_checkpoint, save_ch
 from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.evaluation import validation_loss
+from megatron_moe.training.optim import use_fused_adam
 from megatron_moe.routing.schedules import scheduled_topk
 from megatron_moe.training.preemption import StopRequest
 from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
@@ -89,6 +90,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     if cfg.checkpoint.load:
         resumed = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer,
                                   run.scheduler)
+        use_fused_adam(run.optimizer)  # the loaded param_groups carry the saving run's flags
         start = resumed.step
         run.sample_offset = resumed.consumed_samples - start * cfg.train.global_batch_size
         logger.note(f"resumed from {cfg.checkpoint.load} at step {start} ({resumed.path.name}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -41,7 +42,28 @@ def build_optimizer(cfg: Config, tconfig, ddp_model):
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, [ddp_model])
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    use_fused_adam(optimizer)
+    return optimizer
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch megatron's torch fallback (``torch.optim.AdamW``, taken without Apex and
+    TransformerEngine) to torch's fused kernel; return how many optimizers were switched.
+
+    torch picks its per-tensor loop on CPU, which took 25 ms of a 0.33 s step of the l10n10 CPU
+    config (cProfile); the fused kernel updates all tensors in one call. Apex's and TE's FusedAdam
+    are left as they are. Call it again after loading a checkpoint: ``load_state_dict`` restores
+    the saved ``param_groups`` flags.
+    """
+    switched = 0
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                group["foreach"], group["fused"] = False, True
+            switched += 1
+    return switched
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
