@@ -136,6 +136,7 @@ class DataConfig:
     max_new_tokens: int = 64  # translation: longest generated target
     max_length_ratio: float = 0.0  # translation: also stop after ratio x prompt + 8 tokens (0 = off)
     no_repeat_ngram: int = 0  # translation: never repeat an n-gram of this size (0 = off)
+    decode_batch_size: int = 128  # translation: prompts of one length decoded together
 
 
 @dataclass

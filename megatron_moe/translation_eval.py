@@ -34,7 +34,7 @@ class Translator:
         d = self.cfg.data
         limits = Limits(d.max_new_tokens, d.max_length_ratio, d.no_repeat_ngram)
         outputs = greedy_decode(self.run.model, prompts, EOS, self.meta["vocab_size"], limits,
-                                show_progress=show_progress)
+                                batch_size=d.decode_batch_size, show_progress=show_progress)
         return [self.sp.decode(ids) for ids in outputs]
 
     def test_pairs(self, limit=None) -> list[Pair]:
