@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ def cli(command: str, *overrides: str, nproc: int = 1, timeout: int = 600,
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_python(code: str, timeout: int = 300) -> str:
+    """Run ``code`` (dedented) in a fresh interpreter from the repo root; return its stdout.
+    For checks of process-wide state (patches, process groups) that must not leak between tests."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -3,25 +3,14 @@
 Each check runs in a fresh interpreter because the layer patches process-wide state.
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from tests.conftest import REPO
-
-
-def _run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+from tests.conftest import run_python
 
 
 def test_inert_when_cuda_is_available():
-    out = _run("""
+    out = run_python("""
         from unittest import mock
         import torch
         from torch.overrides import _get_current_function_mode_stack
@@ -45,7 +34,7 @@ def test_inert_when_cuda_is_available():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is inert where CUDA is")
 def test_cpu_layer_maps_cuda_to_cpu():
-    out = _run("""
+    out = run_python("""
         import torch
         from megatron_moe.runtime.cpu_support import apply_cpu_support, distributed_backend
         assert apply_cpu_support() is True and apply_cpu_support() is True  # idempotent
@@ -78,7 +67,7 @@ def test_cpu_layer_maps_cuda_to_cpu():
 def test_router_gating_runs_without_transformer_engine():
     """megatron-core 0.16.1's router GEMM names ``te_general_gemm`` even when TransformerEngine is
     absent (NameError on CPU and on an H100 alike); the fallback is applied on every device."""
-    out = _run("""
+    out = run_python("""
         import importlib.util
         import torch
         from megatron.core.transformer.moe import moe_utils

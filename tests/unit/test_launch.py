@@ -1,14 +1,9 @@
-"""Tier: unit. Reading the launch environment of torchrun and Slurm srun."""
-
-import subprocess
-import sys
-import textwrap
+"""Tier: unit. Launch environments (torchrun, Slurm srun, single process) and the latter's group."""
 
 import pytest
 
-from tests.conftest import REPO
-
 from megatron_moe.runtime.distributed import first_host, launch_env
+from tests.conftest import run_python
 
 
 @pytest.mark.parametrize("nodelist, host", [
@@ -43,7 +38,7 @@ def test_single_process_opens_no_rendezvous_port():
     """A single process must not pick a "free" port and bind it later: another job can take it in
     between (EADDRINUSE, seen with 8 test workers on one machine). Its group uses an in-process
     store, so it initialises even when every TCP bind from Python fails."""
-    code = textwrap.dedent("""
+    out = run_python("""
         import socket
         import torch, torch.distributed as dist
         from megatron_moe.config import Config
@@ -59,7 +54,5 @@ def test_single_process_opens_no_rendezvous_port():
         assert t.tolist() == [1.0, 1.0] and dist.get_world_size() == 1
         shutdown_distributed()
         print("initialised")
-    """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert "initialised" in proc.stdout, proc.stderr[-3000:]
+    """, timeout=120)
+    assert "initialised" in out
