@@ -51,7 +51,7 @@ def _user_errors():
     from megatron_moe.checkpointing import CheckpointError
     from megatron_moe.data.corpus import DataError
     from megatron_moe.convert.mixtral import ConversionError
-    from megatron_moe.generation import GenerationError
+    from megatron_moe.decoding import GenerationError
 
     return (ConfigError, DataError, CheckpointError, GenerationError, ConversionError)
 

@@ -137,6 +137,8 @@ class DataConfig:
     max_length_ratio: float = 0.0  # translation: also stop after ratio x prompt + 8 tokens (0 = off)
     no_repeat_ngram: int = 0  # translation: never repeat an n-gram of this size (0 = off)
     decode_batch_size: int = 128  # translation: prompts of one length decoded together
+    beam_size: int = 1  # translation: 1 = greedy decoding, K > 1 = beam search with K beams
+    length_penalty: float = 1.0  # beam search: score = log-prob / length ** this (fairseq's lenpen)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Translate with a trained checkpoint and score it: the `evaluate` and `translate` commands'
 translation side. Sources become ``<2xx> source <sep>`` prompts with the directory's SentencePiece
-model; hypotheses are decoded greedily (see :mod:`megatron_moe.generation`)."""
+model; hypotheses are decoded greedily or by beam search (see :mod:`megatron_moe.decoding`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from megatron_moe.data.corpus import DataError
 from megatron_moe.data.pairs import Pair, read_pairs
 from megatron_moe.data.preprocess import EOS, SEP, lang_tag
 from megatron_moe.data.translation import load_meta
-from megatron_moe.generation import Limits, greedy_decode
+from megatron_moe.decoding import Limits, decode
 
 
 class Translator:
@@ -33,8 +33,9 @@ class Translator:
         prompts = [self.prompt(lang, src) for lang, src in items]
         d = self.cfg.data
         limits = Limits(d.max_new_tokens, d.max_length_ratio, d.no_repeat_ngram)
-        outputs = greedy_decode(self.run.model, prompts, EOS, self.meta["vocab_size"], limits,
-                                batch_size=d.decode_batch_size, show_progress=show_progress)
+        outputs = decode(self.run.model, prompts, EOS, self.meta["vocab_size"], limits,
+                         batch_size=d.decode_batch_size, beam_size=d.beam_size,
+                         length_penalty=d.length_penalty, show_progress=show_progress)
         return [self.sp.decode(ids) for ids in outputs]
 
     def test_pairs(self, limit=None) -> list[Pair]:

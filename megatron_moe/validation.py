@@ -52,6 +52,8 @@ def validate(cfg: Config, world_size: int,
         raise ConfigError(f"data.max_new_tokens ({cfg.data.max_new_tokens}) must be >= 1")
     if cfg.data.decode_batch_size < 1:
         raise ConfigError(f"data.decode_batch_size ({cfg.data.decode_batch_size}) must be >= 1")
+    if cfg.data.beam_size < 1:
+        raise ConfigError(f"data.beam_size ({cfg.data.beam_size}) must be >= 1 (1 = greedy)")
     if cfg.data.max_length_ratio < 0:
         raise ConfigError(f"data.max_length_ratio ({cfg.data.max_length_ratio}) must be >= 0 "
                           f"(0 = off)")

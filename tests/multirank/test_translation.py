@@ -1,6 +1,6 @@
 """Tier: multi-rank gloo (1-2 processes). Translation end to end on a small trained checkpoint:
-KV-cache greedy decoding equals decoding without the cache token for token (single rank, EP=2 and
-TP=2), and the evaluate / translate commands produce BLEU tables, JSON and translations."""
+KV-cache greedy decoding and beam search equal decoding without the cache token for token (single
+rank, EP=2 and TP=2), and the evaluate / translate commands produce BLEU tables, JSON and translations."""
 
 import json
 import subprocess
@@ -27,9 +27,12 @@ def trained(tmp_path_factory):
 
 
 def _cache_worker(rank, world, overrides):
+    import torch
+
     from megatron_moe.checkpointing import load_checkpoint
     from megatron_moe.config import load_config
-    from megatron_moe.generation import Limits, greedy_decode
+    from megatron_moe.decoding import Limits, decode
+    from megatron_moe.decoding.beam import beam_decode_batch
     from megatron_moe.training.setup import setup_run
     from tests.conftest import DEBUG_CONFIG
 
@@ -38,23 +41,30 @@ def _cache_worker(rank, world, overrides):
     run = setup_run(cfg, env, training=False, inference=True)
     load_checkpoint(cfg.checkpoint.load, cfg, run.model)
     prompts = [run.valid_samples.pair(i)[0].tolist() for i in range(0, 400, 25)]
-    cached = greedy_decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=True)
-    full = greedy_decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=False)
+    cached = decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=True)
+    full = decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=False)
     assert cached == full
     assert sum(len(x) for x in cached) > 16  # it generated something
     limits = Limits(max_new_tokens=12, max_length_ratio=0.3, no_repeat_ngram=2)
-    limited = greedy_decode(run.model, prompts, 3, 2000, limits, use_cache=True)
-    assert limited == greedy_decode(run.model, prompts, 3, 2000, limits, use_cache=False)
+    limited = decode(run.model, prompts, 3, 2000, limits, use_cache=True)
+    assert limited == decode(run.model, prompts, 3, 2000, limits, use_cache=False)
     for prompt, out in zip(prompts, limited):
         assert len(out) <= limits.new_tokens(len(prompt))
         bigrams = list(zip(out, out[1:]))
         assert len(bigrams) == len(set(bigrams)), out
+    # beam search: the cache is expanded and reordered (swap_key_value_dict) between steps
+    beam = decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=True)
+    assert beam == decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=False)
+    assert beam != limited  # four beams find other hypotheses than greedy for some prompts
+    one = [beam_decode_batch(run.model, torch.tensor([p]), 3, 2000, limits, beam_size=1)[0]
+           for p in prompts]
+    assert one == limited  # one beam is greedy
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout, world", [([], 1), (["parallel.ep=2"], 2),
                                            (["parallel.tp=2"], 2)])
-def test_greedy_decoding_with_cache_equals_without(trained, layout, world):
+def test_decoding_with_cache_equals_without(trained, layout, world):
     overrides, _ = trained
     spawn(_cache_worker, world, overrides + layout)
 

@@ -47,6 +47,7 @@ def test_bad_keys_and_types(override, message):
     (["data.max_length_ratio=-1"], 1, r"data\.max_length_ratio \(-1\.0\) must be >= 0"),
     (["data.max_new_tokens=0"], 1, r"data\.max_new_tokens \(0\) must be >= 1"),
     (["data.decode_batch_size=0"], 1, r"data\.decode_batch_size \(0\) must be >= 1"),
+    (["data.beam_size=0"], 1, r"data\.beam_size \(0\) must be >= 1 \(1 = greedy\)"),
 ])
 def test_validation_names_fields_and_values(overrides, world, message):
     cfg = load_config(DEBUG_CONFIG, overrides)

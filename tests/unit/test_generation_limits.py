@@ -3,7 +3,8 @@
 
 import torch
 
-from megatron_moe.generation import Limits, _banned_tokens, _next_tokens
+from megatron_moe.decoding.greedy import _next_tokens
+from megatron_moe.decoding.limits import Limits, banned_tokens
 
 
 def test_length_cap_follows_the_prompt_and_never_exceeds_max_new_tokens():
@@ -17,10 +18,10 @@ def test_length_cap_follows_the_prompt_and_never_exceeds_max_new_tokens():
 def test_banned_tokens_are_the_continuations_of_the_current_tail():
     # bigrams: tail (7,) was followed by 8 and 9 before; trigram tail (7, 8) by 9
     row = [7, 8, 5, 7, 9, 1, 7]
-    assert sorted(_banned_tokens([row], 2)[0]) == [8, 9]
-    assert _banned_tokens([[7, 8, 9, 4, 7, 8]], 3) == [[9]]
-    assert _banned_tokens([[1, 2]], 3) == [[]]
-    assert _banned_tokens([[1, 2, 3]], 2) == [[]]
+    assert sorted(banned_tokens([row], 2)[0]) == [8, 9]
+    assert banned_tokens([[7, 8, 9, 4, 7, 8]], 3) == [[9]]
+    assert banned_tokens([[1, 2]], 3) == [[]]
+    assert banned_tokens([[1, 2, 3]], 2) == [[]]
 
 
 def test_greedy_choice_skips_a_repeated_ngram_and_keeps_the_rest():

@@ -1,0 +1,65 @@
+"""Batched greedy decoding with megatron-core's static key/value cache.
+
+A batch of equal-length prompts (no padding needed) runs one prefill forward over the prompt,
+then one forward per new token with the cache (``use_cache=False`` recomputes the whole prefix
+every step instead, the reference the cache is tested against). Under TP megatron gathers the
+vocabulary-parallel logits (``runtime_gather_output``).
+
+The length cap and the n-gram ban are :class:`megatron_moe.decoding.limits.Limits`.
+
+Legend: B sequences, P prompt length, V vocabulary (shard).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_moe.decoding.limits import Limits, banned_tokens
+
+
+def _next_tokens(logits_BSV: torch.Tensor, vocab_size: int, generated_BT: torch.Tensor,
+                 no_repeat_ngram: int) -> torch.Tensor:
+    """Argmax over the real vocabulary (logits arrive gathered over TP: runtime_gather_output),
+    skipping tokens that would repeat an n-gram of the hypothesis so far."""
+    scores_BV = logits_BSV[:, -1, :vocab_size].float()
+    if no_repeat_ngram and generated_BT.shape[1] >= no_repeat_ngram:
+        scores_BV = scores_BV.clone()  # the caller's logits stay as they are
+        for b, banned in enumerate(banned_tokens(generated_BT.tolist(), no_repeat_ngram)):
+            if banned:
+                scores_BV[b, banned] = float("-inf")
+    return scores_BV.argmax(dim=-1)
+
+
+@torch.no_grad()
+def decode_batch(model, prompt_BP: torch.Tensor, eos_id: int, vocab_size: int,
+                 limits: Limits, use_cache: bool = True) -> list[list[int]]:
+    B, P = prompt_BP.shape
+    device = prompt_BP.device
+    max_new_tokens = limits.new_tokens(P)
+    context = StaticInferenceContext(B, P + max_new_tokens) if use_cache else None
+    tokens_BS = prompt_BP
+    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if use_cache:
+            new_BS = tokens_BS if step == 0 else tokens_BS[:, -1:]
+            start = context.sequence_len_offset
+            positions = torch.arange(start, start + new_BS.shape[1], device=device).expand(B, -1)
+            logits = model(new_BS, positions, attention_mask=None, inference_context=context,
+                           runtime_gather_output=True)
+            context.sequence_len_offset += new_BS.shape[1]
+            context.enable_decode_mode()
+        else:
+            positions = torch.arange(tokens_BS.shape[1], device=device).expand(B, -1)
+            logits = model(tokens_BS, positions, attention_mask=None, runtime_gather_output=True)
+        chosen_B = _next_tokens(logits, vocab_size, tokens_BS[:, P:], limits.no_repeat_ngram)
+        next_B = torch.where(finished_B, torch.full_like(finished_B, eos_id, dtype=torch.long),
+                             chosen_B)
+        tokens_BS = torch.cat([tokens_BS, next_B[:, None]], dim=1)
+        finished_B |= next_B == eos_id
+        if bool(finished_B.all()):
+            break
+    out = []
+    for row in tokens_BS[:, P:].tolist():
+        out.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return out
