@@ -11,6 +11,7 @@ fails with the file or tensor named instead of deep inside torch.
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -88,13 +89,25 @@ def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, sc
         state["optimizer"] = optimizer.sharded_state_dict(state["model"],
                                                           metadata=OPTIMIZER_METADATA)
     if background is None:
-        dist_checkpointing.save(state, str(staged))
+        _write(state, staged)
         _publish(root, staged, step, cfg.checkpoint.keep_last)
     else:
-        request = dist_checkpointing.save(state, str(staged), async_sharded_save=True)
+        request = _write(state, staged, async_sharded_save=True)
         request.add_finalize_fn(partial(_publish, root, staged, step, cfg.checkpoint.keep_last))
         background.start(request, iteration_dir(root, step))
     return iteration_dir(root, step)
+
+
+def _write(state: dict, staged: Path, **kwargs):
+    """megatron's save into the staging directory; a failed write (disk full, quota, permissions)
+    is a CheckpointError naming the directory, and its partial files are removed (the previous
+    checkpoint stays the one ``latest`` names)."""
+    try:
+        return dist_checkpointing.save(state, str(staged), **kwargs)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise CheckpointError(f"checkpoint.save: writing {staged} failed: "
+                              f"{e.strerror or e}; the previous checkpoint is kept") from None
 
 
 def _publish(root: str, staged: Path, step: int, keep_last: int) -> None:

@@ -49,6 +49,20 @@ def tracked_step(root: str | Path) -> int | None:
     return int(text)
 
 
+def check_writable(root: str | Path, rank: int) -> None:
+    """Create ``root`` and write (then delete) a probe file in it: a save directory that cannot
+    be written fails before training instead of at the first save. Each rank probes, so ranks
+    that share the file system fail together."""
+    probe = Path(root) / f".write-probe-{rank}-{os.getpid()}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint.save: cannot write to {root}: "
+                              f"{e.strerror or e}") from None
+
+
 def remove_leftovers(root: str | Path) -> None:
     """Delete directories of saves that were killed part-way (rank 0, before a new save)."""
     root = Path(root)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from megatron_moe.checkpointing import BackgroundSaves, load_checkpoint, save_checkpoint
+from megatron_moe.checkpointing.store import check_writable
 from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.evaluation import validation_loss
@@ -84,6 +85,8 @@ def periodic_bleu(run: Run) -> str:
 
 def train(cfg: Config, env: LaunchEnv) -> list[float]:
     """Train ``cfg.train.steps`` steps (resuming from ``checkpoint.load``); return the step losses."""
+    if cfg.checkpoint.save:
+        check_writable(cfg.checkpoint.save, env.rank)
     run = setup_run(cfg, env, training=True)
     logger = MetricsLogger(cfg, is_main_rank())
     start = 0
