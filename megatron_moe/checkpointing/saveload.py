@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -94,7 +95,7 @@ def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, sc
     else:
         request = _write(state, staged, async_sharded_save=True)
         request.add_finalize_fn(partial(_publish, root, staged, step, cfg.checkpoint.keep_last))
-        background.start(request, iteration_dir(root, step))
+        background.start(request, iteration_dir(root, step), staged)
     return iteration_dir(root, step)
 
 
@@ -144,17 +145,39 @@ class BackgroundSaves:
         self._pending: dict[int, tuple[Path, float]] = {}
         self._on_published = on_published
 
-    def start(self, request, path: Path) -> None:
-        self._pending[self._queue.schedule_async_request(request)] = (path, time.perf_counter())
+    def start(self, request, path: Path, staged: Path) -> None:
+        index = self._queue.schedule_async_request(request)
+        self._pending[index] = (path, staged, time.perf_counter())
 
     def finish(self, blocking: bool = False) -> None:
-        """Publish the saves whose writers are done on all ranks (all of them when blocking)."""
+        """Publish the saves whose writers are done on all ranks (all of them when blocking).
+
+        A writer that failed (megatron raises on every rank) is a CheckpointError naming the
+        staging directory, whose files are removed; nothing is published."""
         if not self._pending:
             return
-        finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        try:
+            finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as e:  # torch's: a BaseException, every rank
+            staged = next(iter(self._pending.values()))[1]
+            shutil.rmtree(staged, ignore_errors=True)
+            raise CheckpointError(f"checkpoint.save: writing {staged} in the background failed: "
+                                  f"{_first_cause(e)}; the previous checkpoint is kept") from None
         now = time.perf_counter()
-        for path, started in map(self._pending.pop, finalized):
+        for path, _, started in map(self._pending.pop, finalized):
             self._on_published(path, now - started)
+
+
+def _first_cause(error: BaseException) -> str:
+    """The message of the first rank's failure in torch's CheckpointException (the writer's own
+    exception arrives pickled, without its cause), else of the innermost cause."""
+    failures = getattr(error, "failures", None) or {}
+    for failure in failures.values():
+        error = failure[0] if isinstance(failure, tuple) else failure
+        break
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _digests(directory: Path, rank: int, world: int) -> dict[str, str]:

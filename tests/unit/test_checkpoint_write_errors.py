@@ -1,9 +1,12 @@
 """Tier: unit (one process). Saves that cannot be written: a save directory that cannot be created
-fails before the first step, and a write that fails part-way (disk full, simulated) ends the run
-with a one-line error naming the directory, its partial files removed and the previous checkpoint
-still the one ``latest`` names."""
+fails before the first step, and a write that fails part-way (disk full, simulated; synchronous
+and in megatron's forked background writer) ends the run with a one-line error naming the
+directory, its partial files removed and the previous checkpoint still the one ``latest`` names."""
 
 import json
+import textwrap
+
+import pytest
 
 from megatron_moe.checkpointing import TRACKER, iteration_dir
 from tests.conftest import DEBUG_CONFIG, check, cli, run_python
@@ -20,35 +23,64 @@ def test_unwritable_save_directory_fails_before_training(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
-    root = tmp_path / "ckpt"
+_SYNC_DISK_FULL = """
+    import megatron.core.dist_checkpointing as dc
+    real = dc.save
+
+    def save(state, path, **kwargs):  # the save of step 4 runs out of disk part-way
+        if ".iter_0000004" in str(path):
+            (Path(path) / "__0_0.distcp").write_bytes(b"x" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path, **kwargs)
+
+    dc.save = save
+"""
+
+_BACKGROUND_DISK_FULL = """
+    import functools
+    import megatron.core.dist_checkpointing.strategies.filesystem_async as fa
+    real = fa._write_item
+
+    @functools.wraps(real)  # megatron inspects its signature
+    def write_item(*args, **kwargs):  # in the forked writer: step 4's files hit a full disk
+        stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
+        if ".iter_0000004" in str(stream.name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    fa._write_item = write_item
+"""
+
+
+def _train_with(patch: str, root, *overrides: str) -> dict:
+    """Train 4 steps saving at 2 and 4 in a fresh interpreter with ``patch`` applied first."""
+    args = ["train", "--config", DEBUG_CONFIG, "train.steps=4", "checkpoint.interval=2",
+            f"checkpoint.save={root}", *overrides]
+    argv = args[:3] + [x for item in args[3:] for x in ("--set", item)]
     out = run_python(f"""
         import contextlib, errno, io, json
         from pathlib import Path
-        import megatron.core.dist_checkpointing as dc
-
-        real, calls = dc.save, []
-
-        def save(state, path, **kwargs):  # the second save runs out of disk part-way
-            calls.append(path)
-            if len(calls) == 2:
-                (Path(path) / "__0_0.distcp").write_bytes(b"x" * 64)
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(state, path, **kwargs)
-
-        dc.save = save
+        {textwrap.indent(textwrap.dedent(patch), " " * 8).strip()}
         from megatron_moe.cli import main
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            rc = main(["train", "--config", "{DEBUG_CONFIG}", "--set", "train.steps=4",
-                       "--set", "checkpoint.interval=2", "--set", "checkpoint.save={root}"])
+            rc = main({argv!r})
         print(json.dumps({{"rc": rc, "stderr": err.getvalue()}}))
         """)
-    result = json.loads(out.splitlines()[-1])
-    assert result["rc"] == 2
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.parametrize("patch, overrides, how", [
+    (_SYNC_DISK_FULL, [], " failed: No space left on device"),
+    (_BACKGROUND_DISK_FULL, ["checkpoint.async_save=true"],
+     " in the background failed: Worker failure: [Errno 28] No space left on device")])
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, patch, overrides, how):
+    root = tmp_path / "ckpt"
+    result = _train_with(patch, root, *overrides)
+    assert result["rc"] == 2, result["stderr"][-3000:]
     partial = root / ".iter_0000004.partial"
-    assert (f"error: checkpoint.save: writing {partial} failed: No space left on device; "
-            f"the previous checkpoint is kept") in result["stderr"]
+    assert (f"error: checkpoint.save: writing {partial}{how}; the previous checkpoint is kept"
+            in result["stderr"]), result["stderr"][-3000:]
     assert "Traceback" not in result["stderr"]
     assert not partial.exists() and not iteration_dir(root, 4).exists()
     assert (root / TRACKER).read_text().strip() == "2"
