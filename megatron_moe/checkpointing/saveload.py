@@ -105,10 +105,10 @@ def _write(state: dict, staged: Path, **kwargs):
     checkpoint stays the one ``latest`` names)."""
     try:
         return dist_checkpointing.save(state, str(staged), **kwargs)
-    except OSError as e:
+    except (OSError, CheckpointException) as e:  # torch's: a BaseException, raised on every rank
         shutil.rmtree(staged, ignore_errors=True)
         raise CheckpointError(f"checkpoint.save: writing {staged} failed: "
-                              f"{e.strerror or e}; the previous checkpoint is kept") from None
+                              f"{_first_cause(e)}; the previous checkpoint is kept") from None
 
 
 def _publish(root: str, staged: Path, step: int, keep_last: int) -> None:
@@ -142,7 +142,7 @@ class BackgroundSaves:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self._queue = AsyncCallsQueue(persistent=False)
-        self._pending: dict[int, tuple[Path, float]] = {}
+        self._pending: dict[int, tuple[Path, Path, float]] = {}
         self._on_published = on_published
 
     def start(self, request, path: Path, staged: Path) -> None:
@@ -158,7 +158,7 @@ class BackgroundSaves:
             return
         try:
             finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except (Exception, CheckpointException) as e:  # torch's: a BaseException, every rank
+        except (OSError, CheckpointException) as e:  # torch's: a BaseException, every rank
             staged = next(iter(self._pending.values()))[1]
             shutil.rmtree(staged, ignore_errors=True)
             raise CheckpointError(f"checkpoint.save: writing {staged} in the background failed: "

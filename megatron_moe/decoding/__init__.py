@@ -2,8 +2,10 @@
 :mod:`.greedy`) or beam search (:mod:`.beam`).
 
 Prompts are grouped by length, so a batch needs no padding, and decoded ``batch_size`` prompts at a
-time. Under EP every rank decodes the same batches so the expert collectives line up; under TP the
-logits are gathered. Pipeline parallelism is not supported here (checkpoints reshard to PP 1).
+time. Every rank decodes the same batches, so the expert collectives of EP line up; under TP the
+logits are gathered; rank 0's choices are broadcast at every step, so ranks whose logits differ in
+the last bit cannot take different paths. Pipeline parallelism is not supported here (checkpoints
+reshard to PP 1).
 """
 
 from __future__ import annotations

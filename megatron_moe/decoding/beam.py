@@ -21,9 +21,12 @@ X = K*V candidates of a prompt.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_moe.decoding.greedy import same_on_every_rank
 from megatron_moe.decoding.limits import Limits, banned_tokens
 
 _NEG_INF = float("-inf")
@@ -52,28 +55,42 @@ def _ban_repeats(logp_NV: torch.Tensor, generated_NT: torch.Tensor, n: int) -> N
                 logp_NV[row, banned] = _NEG_INF
 
 
-def _select(i, K, V, eos_id, top_scores, top_index, scores_K, generated, finished, last,
-            length_penalty, step):
-    """One prompt's step (its rows are i*K ... i*K+K-1): finish hypotheses that chose EOS and
-    return the live ones as [(row, token, score)]; none when the prompt is done."""
-    live = []
-    for j, (score, index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
-        if score == _NEG_INF:
-            break
-        row, token = i * K + index // V, index % V
-        if token == eos_id:
-            if j < K:
-                finished.append((score / (step + 1) ** length_penalty, generated[row]))
-        elif len(live) < K:
-            live.append((row, token, score))
-        if len(live) == K:
-            break
-    if not live:  # the n-gram ban left no extension: the hypotheses end as they stand
-        finished.extend((s / max(step, 1) ** length_penalty, generated[i * K + k])
-                        for k, s in enumerate(scores_K.tolist()) if s != _NEG_INF)
-    elif last:
-        finished.extend((s / (step + 1) ** length_penalty, generated[r] + [t]) for r, t, s in live)
-    return [] if last or len(finished) >= K else live
+@dataclass(frozen=True)
+class _Search:
+    """What stays fixed during one beam search."""
+    beams: int
+    vocab_size: int
+    eos_id: int
+    length_penalty: float
+
+    def normalised(self, score: float, length: int) -> float:
+        return score / max(length, 1) ** self.length_penalty
+
+    def select(self, i: int, candidates: list[tuple[float, int]], scores_K: list[float],
+               generated: list[list[int]], finished: list, step: int, last: bool) -> list:
+        """Prompt i's step (its rows are i*K ... i*K+K-1), given its 2K best (score, index)
+        extensions: finish the hypotheses that chose EOS and return the live ones as
+        [(row, token, score)]; none when the prompt is done."""
+        K, V = self.beams, self.vocab_size
+        live = []
+        for j, (score, index) in enumerate(candidates):
+            if score == _NEG_INF:
+                break
+            row, token = i * K + index // V, index % V
+            if token == self.eos_id:
+                if j < K:  # the EOS counts in the length
+                    finished.append((self.normalised(score, step + 1), generated[row]))
+            elif len(live) < K:
+                live.append((row, token, score))
+            if len(live) == K:
+                break
+        if candidates[0][0] == _NEG_INF:  # the n-gram ban left nothing: end as they stand
+            finished.extend((self.normalised(s, step), generated[i * K + k])
+                            for k, s in enumerate(scores_K) if s != _NEG_INF)
+        elif last:
+            finished.extend((self.normalised(s, step + 1), generated[r] + [t])
+                            for r, t, s in live)
+        return [] if last or len(finished) >= K else live
 
 
 def _reorder_cache(context: StaticInferenceContext, source_N: torch.Tensor) -> None:
@@ -93,6 +110,7 @@ def beam_decode_batch(model, prompt_BP: torch.Tensor, eos_id: int, vocab_size: i
     """The best hypothesis of each prompt (equal-length prompts), without EOS."""
     B, P = prompt_BP.shape
     K, V, device = beam_size, vocab_size, prompt_BP.device
+    search = _Search(K, V, eos_id, length_penalty)
     max_new_tokens = limits.new_tokens(P)
     context = StaticInferenceContext(B * K, P + max_new_tokens) if use_cache else None
     expand_N = torch.arange(B, device=device).repeat_interleave(K)
@@ -110,26 +128,27 @@ def beam_decode_batch(model, prompt_BP: torch.Tensor, eos_id: int, vocab_size: i
         _ban_repeats(logp_NV, tokens_NS[:, P:], limits.no_repeat_ngram)
         candidates_AX = (scores_AK.reshape(-1, 1) + logp_NV).reshape(len(active), K * V)
         top_scores_AX, top_index_AX = candidates_AX.topk(2 * K, dim=-1)
-        generated = tokens_NS[:, P:].tolist()
+        same_on_every_rank(top_scores_AX, top_index_AX)
+        top = [list(zip(s, x)) for s, x in zip(top_scores_AX.tolist(), top_index_AX.tolist())]
+        generated, scores = tokens_NS[:, P:].tolist(), scores_AK.tolist()
         last = step == max_new_tokens - 1
-        still, source, chosen, scores = [], [], [], []
+        kept, rows, tokens, kept_scores = [], [], [], []
         for i, b in enumerate(active):
-            live = _select(i, K, V, eos_id, top_scores_AX[i], top_index_AX[i], scores_AK[i],
-                           generated, finished[b], last, length_penalty, step)
+            live = search.select(i, top[i], scores[i], generated, finished[b], step, last)
             if live:
-                still.append(b)
+                kept.append(b)
                 live += [(i * K, eos_id, _NEG_INF)] * (K - len(live))  # a dead row keeps shape
                 for row, token, score in live:
-                    source.append(row)
-                    chosen.append(token)
-                    scores.append(score)
-        if not still:
+                    rows.append(row)
+                    tokens.append(token)
+                    kept_scores.append(score)
+        if not kept:
             break
-        active = still
-        source_N = torch.tensor(source, device=device)
-        tokens_NS = torch.cat([tokens_NS[source_N],
-                               torch.tensor(chosen, device=device)[:, None]], dim=1)
-        scores_AK = torch.tensor(scores, device=device).reshape(len(active), K)
+        active = kept
+        rows_N = torch.tensor(rows, device=device)
+        tokens_NS = torch.cat([tokens_NS[rows_N], torch.tensor(tokens, device=device)[:, None]],
+                              dim=1)
+        scores_AK = torch.tensor(kept_scores, device=device).reshape(len(active), K)
         if context is not None:
-            _reorder_cache(context, source_N)
+            _reorder_cache(context, rows_N)
     return [max(f, key=lambda item: item[0])[1] if f else [] for f in finished]

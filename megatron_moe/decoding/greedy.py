@@ -13,9 +13,19 @@ Legend: B sequences, P prompt length, V vocabulary (shard).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_moe.decoding.limits import Limits, banned_tokens
+
+
+def same_on_every_rank(*tensors: torch.Tensor) -> None:
+    """Every rank decodes the same prompts (EP needs the same batches for its all-to-all): rank 0's
+    choices decide, so near-ties that round differently per rank cannot split the control flow
+    (which hypotheses go on, when the loop ends)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
 
 def _next_tokens(logits_BSV: torch.Tensor, vocab_size: int, generated_BT: torch.Tensor,
@@ -53,6 +63,7 @@ def decode_batch(model, prompt_BP: torch.Tensor, eos_id: int, vocab_size: int,
             positions = torch.arange(tokens_BS.shape[1], device=device).expand(B, -1)
             logits = model(tokens_BS, positions, attention_mask=None, runtime_gather_output=True)
         chosen_B = _next_tokens(logits, vocab_size, tokens_BS[:, P:], limits.no_repeat_ngram)
+        same_on_every_rank(chosen_B)
         next_B = torch.where(finished_B, torch.full_like(finished_B, eos_id, dtype=torch.long),
                              chosen_B)
         tokens_BS = torch.cat([tokens_BS, next_B[:, None]], dim=1)

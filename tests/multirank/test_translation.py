@@ -52,7 +52,7 @@ def _cache_worker(rank, world, overrides):
         assert len(out) <= limits.new_tokens(len(prompt))
         bigrams = list(zip(out, out[1:]))
         assert len(bigrams) == len(set(bigrams)), out
-    # beam search: the cache is expanded and reordered (swap_key_value_dict) between steps
+    # beam search: the cache is expanded and reordered between steps
     beam = decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=True)
     assert beam == decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=False)
     assert beam != limited  # four beams find other hypotheses than greedy for some prompts

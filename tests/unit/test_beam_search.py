@@ -1,11 +1,14 @@
-"""Tier: unit. Beam search on a hand-made bigram model (no megatron model): it finds the better
+"""Tier: unit. Beam search on hand-made models (no megatron model): it finds the better
 translation that greedy decoding misses, finishes hypotheses by their length-normalised score,
-keeps the length cap and the n-gram ban, and leaves done prompts alone. Cached beam search equals
-uncached beam search on a trained checkpoint in the multi-rank tier (test_translation.py)."""
+keeps the length cap and the n-gram ban, and leaves done prompts alone; with a model that keeps
+the whole sequence in megatron's static cache, the reordered and shrinking cache gives what
+recomputing gives. Cached equals uncached on a trained checkpoint in the multi-rank tier
+(test_translation.py)."""
 
 import math
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_moe.decoding.beam import beam_decode_batch
 from megatron_moe.decoding.greedy import decode_batch
@@ -86,3 +89,50 @@ def test_prompts_in_one_batch_do_not_affect_each_other():
     together = _beam(prompts, 3)
     assert together == [_beam([p], 3)[0] for p in prompts]
     assert together[2] == []  # after B, EOS at once (p .9)
+
+
+class WholeSequence:
+    """Logits depend on every token so far. With a cache the model reads the sequence back from
+    the context's key/value memory (megatron's [sequence, batch, ...] layout) instead of its input,
+    so a cache row left behind by a reorder or a shrink changes the output. EOS grows likelier
+    with length, at a rate that depends on the prompt."""
+
+    V, EOS = 9, 3
+
+    def eval(self):
+        return self
+
+    def __call__(self, tokens_NS, positions, attention_mask=None, inference_context=None,
+                 runtime_gather_output=True):
+        N, S = tokens_NS.shape
+        history = tokens_NS
+        if inference_context is not None:
+            context: StaticInferenceContext = inference_context
+            if 1 not in context.key_value_memory_dict:
+                memory = torch.zeros(context.max_sequence_length, context.max_batch_size, 1, 1)
+                context.key_value_memory_dict[1] = (memory, memory.clone())
+            key, _ = context.key_value_memory_dict[1]
+            start = context.sequence_len_offset
+            key[start:start + S, :N, 0, 0] = tokens_NS.t().float()
+            history = key[:start + S, :N, 0, 0].t().long()
+        weights = torch.arange(1, history.shape[1] + 1)
+        h = (history * weights).sum(-1, keepdim=True).float()  # [N, 1]
+        logits = 2.0 * torch.sin(0.37 * h * torch.arange(1, self.V + 1))
+        logits[:, self.EOS] += 0.8 * history.shape[1] - 8.0 + 1.5 * (history[:, 0] % 4).float()
+        return logits[:, None, :].expand(N, S, self.V)
+
+
+def test_cache_reordered_and_shrunk_gives_what_recomputing_gives():
+    model = WholeSequence()
+    prompts = torch.tensor([[1, 2, 4], [2, 5, 6], [4, 4, 1], [5, 1, 7], [6, 2, 2], [7, 8, 1],
+                            [8, 6, 5], [0, 7, 4]])
+    limits = Limits(max_new_tokens=16)
+    for beams in (1, 3):
+        cached = beam_decode_batch(model, prompts, model.EOS, model.V, limits, beams)
+        full = beam_decode_batch(model, prompts, model.EOS, model.V, limits, beams,
+                                 use_cache=False)
+        assert cached == full
+        assert len({len(out) for out in cached}) >= 3, cached  # prompts finish apart
+    greedy = decode_batch(model, prompts, model.EOS, model.V, limits)
+    assert greedy == decode_batch(model, prompts, model.EOS, model.V, limits, use_cache=False)
+    assert greedy == beam_decode_batch(model, prompts, model.EOS, model.V, limits, 1)

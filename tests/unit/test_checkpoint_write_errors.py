@@ -1,7 +1,8 @@
 """Tier: unit (one process). Saves that cannot be written: a save directory that cannot be created
-fails before the first step, and a write that fails part-way (disk full, simulated; synchronous
-and in megatron's forked background writer) ends the run with a one-line error naming the
-directory, its partial files removed and the previous checkpoint still the one ``latest`` names."""
+fails before the first step, and a write that fails part-way (disk full, simulated inside
+megatron's file writer, synchronous and in its forked background writer) ends the run with a
+one-line error naming the directory, its partial files removed and the previous checkpoint still
+the one ``latest`` names."""
 
 import json
 import textwrap
@@ -23,26 +24,13 @@ def test_unwritable_save_directory_fails_before_training(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-_SYNC_DISK_FULL = """
-    import megatron.core.dist_checkpointing as dc
-    real = dc.save
-
-    def save(state, path, **kwargs):  # the save of step 4 runs out of disk part-way
-        if ".iter_0000004" in str(path):
-            (Path(path) / "__0_0.distcp").write_bytes(b"x" * 64)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(state, path, **kwargs)
-
-    dc.save = save
-"""
-
-_BACKGROUND_DISK_FULL = """
+_DISK_FULL = """
     import functools
     import megatron.core.dist_checkpointing.strategies.filesystem_async as fa
     real = fa._write_item
 
     @functools.wraps(real)  # megatron inspects its signature
-    def write_item(*args, **kwargs):  # in the forked writer: step 4's files hit a full disk
+    def write_item(*args, **kwargs):  # step 4's files hit a full disk (in whichever process)
         stream = next(a for a in args if hasattr(a, "write") and hasattr(a, "name"))
         if ".iter_0000004" in str(stream.name):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -70,16 +58,14 @@ def _train_with(patch: str, root, *overrides: str) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
-@pytest.mark.parametrize("patch, overrides, how", [
-    (_SYNC_DISK_FULL, [], " failed: No space left on device"),
-    (_BACKGROUND_DISK_FULL, ["checkpoint.async_save=true"],
-     " in the background failed: Worker failure: [Errno 28] No space left on device")])
-def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, patch, overrides, how):
+@pytest.mark.parametrize("async_save, how", [("false", ""), ("true", " in the background")])
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, async_save, how):
     root = tmp_path / "ckpt"
-    result = _train_with(patch, root, *overrides)
+    result = _train_with(_DISK_FULL, root, f"checkpoint.async_save={async_save}")
     assert result["rc"] == 2, result["stderr"][-3000:]
     partial = root / ".iter_0000004.partial"
-    assert (f"error: checkpoint.save: writing {partial}{how}; the previous checkpoint is kept"
+    assert (f"error: checkpoint.save: writing {partial}{how} failed: Worker failure: [Errno 28] "
+            f"No space left on device; the previous checkpoint is kept"
             in result["stderr"]), result["stderr"][-3000:]
     assert "Traceback" not in result["stderr"]
     assert not partial.exists() and not iteration_dir(root, 4).exists()
