@@ -105,10 +105,19 @@ def _write(state: dict, staged: Path, **kwargs):
     checkpoint stays the one ``latest`` names)."""
     try:
         return dist_checkpointing.save(state, str(staged), **kwargs)
-    except (OSError, CheckpointException) as e:  # torch's: a BaseException, raised on every rank
-        shutil.rmtree(staged, ignore_errors=True)
-        raise CheckpointError(f"checkpoint.save: writing {staged} failed: "
-                              f"{_first_cause(e)}; the previous checkpoint is kept") from None
+    except _WRITE_FAILURES as e:
+        raise _discard(staged, e) from None
+
+
+# what a failed write raises (torch's CheckpointException is a BaseException, raised on every rank)
+_WRITE_FAILURES = (OSError, CheckpointException)
+
+
+def _discard(staged: Path, error: BaseException, how: str = "") -> CheckpointError:
+    """Remove a failed save's staging directory; the error that says so (``latest`` unchanged)."""
+    shutil.rmtree(staged, ignore_errors=True)
+    return CheckpointError(f"checkpoint.save: writing {staged}{how} failed: "
+                           f"{_first_cause(error)}; the previous checkpoint is kept")
 
 
 def _publish(root: str, staged: Path, step: int, keep_last: int) -> None:
@@ -158,11 +167,9 @@ class BackgroundSaves:
             return
         try:
             finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except (OSError, CheckpointException) as e:  # torch's: a BaseException, every rank
+        except _WRITE_FAILURES as e:
             staged = next(iter(self._pending.values()))[1]
-            shutil.rmtree(staged, ignore_errors=True)
-            raise CheckpointError(f"checkpoint.save: writing {staged} in the background failed: "
-                                  f"{_first_cause(e)}; the previous checkpoint is kept") from None
+            raise _discard(staged, e, " in the background") from None
         now = time.perf_counter()
         for path, _, started in map(self._pending.pop, finalized):
             self._on_published(path, now - started)

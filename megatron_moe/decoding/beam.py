@@ -26,33 +26,16 @@ from dataclasses import dataclass
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_moe.decoding.greedy import same_on_every_rank
-from megatron_moe.decoding.limits import Limits, banned_tokens
+from megatron_moe.decoding.greedy import forward, same_on_every_rank
+from megatron_moe.decoding.limits import Limits, ban_repeats
 
 _NEG_INF = float("-inf")
 
 
 def _log_probs(model, tokens_NS: torch.Tensor, context, vocab_size: int) -> torch.Tensor:
-    """Next-token log-probabilities of every row; with a cache only the new columns go in."""
-    if context is None:
-        new_NS, start = tokens_NS, 0
-    else:
-        start = context.sequence_len_offset
-        new_NS = tokens_NS[:, start:]
-    positions = torch.arange(start, start + new_NS.shape[1], device=tokens_NS.device)
-    logits = model(new_NS, positions.expand(new_NS.shape[0], -1), attention_mask=None,
-                   inference_context=context, runtime_gather_output=True)
-    if context is not None:
-        context.sequence_len_offset += new_NS.shape[1]
-        context.enable_decode_mode()
-    return torch.log_softmax(logits[:, -1, :vocab_size].float(), dim=-1)
-
-
-def _ban_repeats(logp_NV: torch.Tensor, generated_NT: torch.Tensor, n: int) -> None:
-    if n and generated_NT.shape[1] >= n:
-        for row, banned in enumerate(banned_tokens(generated_NT.tolist(), n)):
-            if banned:
-                logp_NV[row, banned] = _NEG_INF
+    """Next-token log-probabilities of every row (over the real vocabulary)."""
+    logits_NSV = forward(model, tokens_NS, context)
+    return torch.log_softmax(logits_NSV[:, -1, :vocab_size].float(), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -125,7 +108,7 @@ def beam_decode_batch(model, prompt_BP: torch.Tensor, eos_id: int, vocab_size: i
     for step in range(max_new_tokens):
         if step:
             logp_NV = _log_probs(model, tokens_NS, context, V)
-        _ban_repeats(logp_NV, tokens_NS[:, P:], limits.no_repeat_ngram)
+        ban_repeats(logp_NV, tokens_NS[:, P:], limits.no_repeat_ngram)
         candidates_AX = (scores_AK.reshape(-1, 1) + logp_NV).reshape(len(active), K * V)
         top_scores_AX, top_index_AX = candidates_AX.topk(2 * K, dim=-1)
         same_on_every_rank(top_scores_AX, top_index_AX)

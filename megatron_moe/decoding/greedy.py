@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_moe.decoding.limits import Limits, banned_tokens
+from megatron_moe.decoding.limits import Limits, ban_repeats
 
 
 def same_on_every_rank(*tensors: torch.Tensor) -> None:
@@ -28,16 +28,29 @@ def same_on_every_rank(*tensors: torch.Tensor) -> None:
             dist.broadcast(t, src=0)
 
 
+def forward(model, tokens_NS: torch.Tensor, context) -> torch.Tensor:
+    """The model's logits for the rows of ``tokens_NS``. With a cache only the columns it does not
+    hold yet go in (the whole prompt at the first call) and its offset moves on; without one the
+    whole prefix is recomputed. Shared by greedy and beam search."""
+    start = 0 if context is None else context.sequence_len_offset
+    new_NS = tokens_NS[:, start:]
+    positions = torch.arange(start, start + new_NS.shape[1], device=tokens_NS.device)
+    logits_NSV = model(new_NS, positions.expand(new_NS.shape[0], -1), attention_mask=None,
+                       inference_context=context, runtime_gather_output=True)
+    if context is not None:
+        context.sequence_len_offset += new_NS.shape[1]
+        context.enable_decode_mode()
+    return logits_NSV
+
+
 def _next_tokens(logits_BSV: torch.Tensor, vocab_size: int, generated_BT: torch.Tensor,
                  no_repeat_ngram: int) -> torch.Tensor:
     """Argmax over the real vocabulary (logits arrive gathered over TP: runtime_gather_output),
     skipping tokens that would repeat an n-gram of the hypothesis so far."""
     scores_BV = logits_BSV[:, -1, :vocab_size].float()
-    if no_repeat_ngram and generated_BT.shape[1] >= no_repeat_ngram:
+    if no_repeat_ngram:
         scores_BV = scores_BV.clone()  # the caller's logits stay as they are
-        for b, banned in enumerate(banned_tokens(generated_BT.tolist(), no_repeat_ngram)):
-            if banned:
-                scores_BV[b, banned] = float("-inf")
+        ban_repeats(scores_BV, generated_BT, no_repeat_ngram)
     return scores_BV.argmax(dim=-1)
 
 
@@ -50,18 +63,8 @@ def decode_batch(model, prompt_BP: torch.Tensor, eos_id: int, vocab_size: int,
     context = StaticInferenceContext(B, P + max_new_tokens) if use_cache else None
     tokens_BS = prompt_BP
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        if use_cache:
-            new_BS = tokens_BS if step == 0 else tokens_BS[:, -1:]
-            start = context.sequence_len_offset
-            positions = torch.arange(start, start + new_BS.shape[1], device=device).expand(B, -1)
-            logits = model(new_BS, positions, attention_mask=None, inference_context=context,
-                           runtime_gather_output=True)
-            context.sequence_len_offset += new_BS.shape[1]
-            context.enable_decode_mode()
-        else:
-            positions = torch.arange(tokens_BS.shape[1], device=device).expand(B, -1)
-            logits = model(tokens_BS, positions, attention_mask=None, runtime_gather_output=True)
+    for _ in range(max_new_tokens):
+        logits = forward(model, tokens_BS, context)
         chosen_B = _next_tokens(logits, vocab_size, tokens_BS[:, P:], limits.no_repeat_ngram)
         same_on_every_rank(chosen_B)
         next_B = torch.where(finished_B, torch.full_like(finished_B, eos_id, dtype=torch.long),

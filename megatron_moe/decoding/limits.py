@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 class GenerationError(ValueError):
     """A decoding request that cannot be honoured; the message says why."""
@@ -41,3 +43,11 @@ def banned_tokens(rows: list[list[int]], n: int) -> list[list[int]]:
         out.append([row[i + n - 1] for i in range(len(row) - n + 1)
                     if tuple(row[i:i + n - 1]) == tail])
     return out
+
+
+def ban_repeats(scores_NV: torch.Tensor, generated_NT: torch.Tensor, n: int) -> None:
+    """In place: -inf for each row's tokens that would repeat one of its n-grams (n = 0: none)."""
+    if n and generated_NT.shape[1] >= n:
+        for row, banned in enumerate(banned_tokens(generated_NT.tolist(), n)):
+            if banned:
+                scores_NV[row, banned] = float("-inf")
