@@ -6,6 +6,8 @@ of the first violated constraint.
 
 from __future__ import annotations
 
+import math
+
 from megatron_moe.config import Config, ConfigError, data_parallel_size, moe_layer_pattern
 
 
@@ -54,6 +56,9 @@ def validate(cfg: Config, world_size: int,
         raise ConfigError(f"data.decode_batch_size ({cfg.data.decode_batch_size}) must be >= 1")
     if cfg.data.beam_size < 1:
         raise ConfigError(f"data.beam_size ({cfg.data.beam_size}) must be >= 1 (1 = greedy)")
+    if not math.isfinite(cfg.data.length_penalty):
+        raise ConfigError(f"data.length_penalty ({cfg.data.length_penalty}) must be a finite number "
+                          f"(1.0 = divide by the length, 0 = no normalisation)")
     if cfg.data.max_length_ratio < 0:
         raise ConfigError(f"data.max_length_ratio ({cfg.data.max_length_ratio}) must be >= 0 "
                           f"(0 = off)")

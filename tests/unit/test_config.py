@@ -48,6 +48,8 @@ def test_bad_keys_and_types(override, message):
     (["data.max_new_tokens=0"], 1, r"data\.max_new_tokens \(0\) must be >= 1"),
     (["data.decode_batch_size=0"], 1, r"data\.decode_batch_size \(0\) must be >= 1"),
     (["data.beam_size=0"], 1, r"data\.beam_size \(0\) must be >= 1 \(1 = greedy\)"),
+    (["data.length_penalty=nan"], 1, r"data\.length_penalty \(nan\) must be a finite number"),
+    (["data.length_penalty=inf"], 1, r"data\.length_penalty \(inf\) must be a finite number"),
 ])
 def test_validation_names_fields_and_values(overrides, world, message):
     cfg = load_config(DEBUG_CONFIG, overrides)
