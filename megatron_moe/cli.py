@@ -25,8 +25,13 @@ from megatron_moe.validation import validate
 
 
 def _parser() -> argparse.ArgumentParser:
+    from megatron_moe.routing.registry import METHODS
+
+    methods = "\n".join(f"  {name:<13} {m.summary}" for name, m in METHODS.items())
     ap = argparse.ArgumentParser(prog="python -m megatron_moe",
-                                 description="MoE training on megatron-core.")
+                                 description="MoE training on megatron-core.",
+                                 epilog=f"routing methods (moe.router):\n{methods}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_ in (("train", "train (or resume) a model"),
                         ("evaluate", "validation loss (and BLEU/chrF for translation) of a "
@@ -57,9 +62,8 @@ def _user_errors():
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    from megatron_moe.routing.routers import ROUTERS
+    args = _parser().parse_args(argv)
     from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed
 
     if args.command in ("preprocess", "convert"):
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         env = launch_env()
-        validate(cfg, env.world_size, routers=ROUTERS)
+        validate(cfg, env.world_size)
         if args.command != "train" and not cfg.checkpoint.load:
             raise ConfigError(f"{args.command} needs checkpoint.load (--set checkpoint.load=DIR)")
         if args.command == "translate" and cfg.data.format != "translation":

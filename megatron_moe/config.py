@@ -56,9 +56,9 @@ class ThorConfig:
 
 @dataclass
 class SMoEDropoutConfig:
-    k_min: int = 1  # active experts at step 0
+    k_min: int = 2  # active experts at step 0 (the authors' default)
     k_max: Optional[int] = None  # active experts at the end of the schedule (None = num_experts)
-    schedule: str = "linear"  # linear | cosine | exp | multistep
+    schedule: str = "linear"  # linear | cosine (slow start) | exp (fast start) | multistep
     schedule_steps: Optional[int] = None  # steps from k_min to k_max (None = train.steps)
     milestones: list = field(default_factory=list)  # multistep: [[step, k], ...], ascending steps
     init_std: float = 0.02  # std of the frozen random router
@@ -67,13 +67,14 @@ class SMoEDropoutConfig:
 @dataclass
 class AdaptiveConfig:
     threshold: float = 0.1  # a token uses two experts when q1 - q2 <= threshold
+    inference: str = "adaptive"  # adaptive (the training rule) | top1 (the paper's evaluation)
 
 
 @dataclass
 class MoEConfig:
     num_experts: int = 4  # experts per MoE layer
     topk: int = 2  # experts per token
-    router: str = "topk"  # routing method topk | thor | smoe_dropout | adaptive
+    router: str = "topk"  # routing method: a name in routing/registry.py (python -m megatron_moe -h)
     dispatcher: str = "alltoall"  # token dispatcher: alltoall | allgather
     aux_loss_coeff: float = 0.01  # load-balancing loss coefficient (0 disables)
     z_loss_coeff: Optional[float] = None  # router z-loss coefficient

@@ -29,21 +29,27 @@ def _divisible(a_path: str, a: int, b_path: str, b: int) -> None:
         raise ConfigError(f"{a_path} ({a}) must be divisible by {b_path} ({b})")
 
 
-def validate(cfg: Config, world_size: int,
-             routers=("topk", "thor", "smoe_dropout", "adaptive")) -> None:
-    """Check every cross-field constraint for ``world_size`` ranks; raise ConfigError on the first."""
+def validate(cfg: Config, world_size: int) -> None:
+    """Check every cross-field constraint for ``world_size`` ranks; raise ConfigError on the first.
+
+    Choices are read from the registries (routing methods, dispatchers, k schedules, tokenizers,
+    data formats), never retyped here."""
+    from megatron_moe.data.tokenizer import TOKENIZERS
+    from megatron_moe.routing.dispatchers import DISPATCHERS
+    from megatron_moe.routing.registry import METHODS
+
     m, moe, t = cfg.model, cfg.moe, cfg.train
     _positive(cfg, "model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
               "model.num_attention_heads", "model.num_query_groups", "model.seq_length",
               "moe.num_experts", "moe.topk", "parallel.tp", "parallel.pp", "parallel.ep",
               "parallel.etp", "train.steps", "train.micro_batch_size", "train.global_batch_size",
               "train.eval_iters", "logging.interval", "model.make_vocab_size_divisible_by")
-    _choice("moe.router", moe.router, routers)
-    _choice("moe.dispatcher", moe.dispatcher, ("alltoall", "allgather"))
+    _choice("moe.router", moe.router, METHODS)
+    _choice("moe.dispatcher", moe.dispatcher, DISPATCHERS)
     _choice("model.recompute", m.recompute, ("none", "full", "selective"))
     _choice("train.lr_decay", t.lr_decay, ("constant", "linear", "cosine"))
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
-    _choice("data.tokenizer", cfg.data.tokenizer, ("byte",))
+    _choice("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
     _choice("data.format", cfg.data.format, ("text", "translation", "lm"))
     if cfg.data.format in ("translation", "lm") and not cfg.data.dir:
         raise ConfigError(f"data.format ({cfg.data.format}) needs data.dir, a directory written "
@@ -95,41 +101,32 @@ def validate(cfg: Config, world_size: int,
 
 
 def _validate_routing(cfg: Config) -> None:
-    moe = cfg.moe
-    gd, thor, sd = moe.gating_dropout, moe.thor, moe.smoe_dropout
+    """Gating dropout (composes with the gated methods), then the method's own checks."""
+    from megatron_moe.routing.moe_layer import GATING_DROPOUT_MODES
+    from megatron_moe.routing.registry import routing_method
+
+    moe, gd = cfg.moe, cfg.moe.gating_dropout
     if not 0.0 <= gd.p <= 1.0:
         raise ConfigError(f"moe.gating_dropout.p ({gd.p}) must be in [0, 1]")
-    _choice("moe.gating_dropout.mode", gd.mode, ("gate_drop", "gate_expert_drop"))
-    if gd.p > 0 and moe.router not in ("topk", "adaptive"):
-        raise ConfigError(f"moe.gating_dropout.p ({gd.p}) applies to moe.router topk or adaptive, "
-                          f"not {moe.router!r}")
+    _choice("moe.gating_dropout.mode", gd.mode, GATING_DROPOUT_MODES)
     if gd.p > 0 and cfg.model.recompute == "selective":
         raise ConfigError("moe.gating_dropout.p > 0 with model.recompute (selective) is not "
                           "supported; use full or none")
-    _choice("moe.thor.granularity", thor.granularity, ("batch", "sequence", "token"))
-    _choice("moe.thor.inference", thor.inference, ("random_sequence", "random_token", "ensemble"))
-    if thor.alpha < 0:
-        raise ConfigError(f"moe.thor.alpha ({thor.alpha}) must be >= 0")
-    _choice("moe.smoe_dropout.schedule", sd.schedule, ("linear", "cosine", "exp", "multistep"))
-    k_max = sd.k_max or moe.num_experts
-    if not 1 <= sd.k_min <= k_max <= moe.num_experts:
-        raise ConfigError(f"moe.smoe_dropout.k_min ({sd.k_min}) and k_max ({sd.k_max}) must satisfy "
-                          f"1 <= k_min <= k_max <= moe.num_experts ({moe.num_experts})")
-    if sd.schedule == "multistep":
-        steps = [m[0] for m in sd.milestones] if all(
-            isinstance(m, list) and len(m) == 2 for m in sd.milestones) else None
-        if not sd.milestones or steps is None or steps != sorted(steps) or any(
-                not 1 <= m[1] <= moe.num_experts for m in sd.milestones):
-            raise ConfigError(f"moe.smoe_dropout.milestones ({sd.milestones}) must be a non-empty "
-                              f"list of [step, k] with ascending steps and 1 <= k <= num_experts")
     if moe.eval_topk is not None and not 1 <= moe.eval_topk <= moe.num_experts:
         raise ConfigError(f"moe.eval_topk ({moe.eval_topk}) must be in [1, moe.num_experts "
                           f"({moe.num_experts})]")
-    if moe.router == "adaptive" and moe.topk != 2:
-        raise ConfigError(f"moe.topk ({moe.topk}) must be 2 with moe.router adaptive "
-                          f"(one or two experts per token)")
-    if not 0.0 <= moe.adaptive.threshold <= 1.0:
-        raise ConfigError(f"moe.adaptive.threshold ({moe.adaptive.threshold}) must be in [0, 1]")
+    routing_method(cfg).check(cfg)
+
+
+def warnings_for(cfg: Config) -> list[str]:
+    """Settings that are valid but do nothing in this layout (printed once at start-up)."""
+    gd = cfg.moe.gating_dropout
+    notes = []
+    if gd.p > 0 and gd.mode == "gate_drop" and cfg.parallel.ep == 1:
+        notes.append(f"moe.gating_dropout.mode gate_drop with parallel.ep 1: every expert is "
+                     f"local, so the p = {gd.p} dropped layer-calls route exactly as undropped "
+                     f"ones (no all-to-all to save); use parallel.ep > 1 or gate_expert_drop")
+    return notes
 
 
 def _validate_parallel(cfg: Config, world_size: int, groups: int) -> None:

@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     cfg.train.steps = (args.steps + 1) * len(args.p)
     env = launch_env()
     validate(cfg, env.world_size)
-    from megatron_moe.training.loop import train_step
+    from megatron_moe.training.loop import interval_values, train_step
     from megatron_moe.training.setup import setup_run
 
     run = setup_run(cfg, env, training=True)
@@ -50,7 +50,8 @@ def main(argv=None) -> None:
     for round_ in range(args.steps + 1):
         for p in args.p:
             cfg.moe.gating_dropout.p = p
-            values, _ = train_step(run, step)
+            values = train_step(run, step)
+            values.update(interval_values(run, 1, values.pop("microbatches"))[0])  # this step's
             step += 1
             if round_ > 0:  # round 0 warms up every configuration
                 rows[p].append(values)

@@ -74,8 +74,10 @@ def export_hf(args, env, tmp: Path) -> float | None:
     info = model_io.inspect(args.load)
     fallback = args.fallback_topk is not None
     topk = mixtral.export_topk(info.cfg, args.fallback_topk or args.topk, fallback)
-    smoe = info.cfg.moe.router == "smoe_dropout"
-    model, info, cfg = model_io.load(args.load, env, topk=topk if smoe else None)
+    from megatron_moe.routing.registry import routing_method
+
+    run_k = routing_method(info.cfg).export_router_k(info.cfg, topk)
+    model, info, cfg = model_io.load(args.load, env, eval_topk=run_k)
     vocab = int(info.common.get("hf_vocab_size") or info.vocab_size)
     tensors = mixtral.to_hf(cfg, model_io.full_state_dict(model), vocab)
     dtype = getattr(torch, args.dtype)

@@ -74,34 +74,13 @@ def table(num_layers: int, num_experts: int, tied: bool) -> list[tuple[str, tupl
 # Architecture: what Mixtral can express, and the two configs
 # ---------------------------------------------------------------------------------------------
 def export_topk(cfg: Config, topk: int | None, fallback: bool) -> int:
-    """Experts per token in the exported model; refuses routers Mixtral cannot express."""
-    moe = cfg.moe
+    """Experts per token in the exported model: the routing method's export policy."""
+    from megatron_moe.routing.registry import routing_method
+
     if any(flag == 0 for flag in moe_layer_pattern(cfg.model)):
         raise ConversionError(f"model.moe_layer_freq ({cfg.model.moe_layer_freq}) has dense "
                               f"layers; Mixtral has an MoE block in every layer")
-    if moe.router == "smoe_dropout":
-        k = topk or moe.eval_topk or moe.smoe_dropout.k_max or moe.num_experts
-        if not 1 <= k <= moe.num_experts:
-            raise ConversionError(f"--topk {k} must be between 1 and moe.num_experts "
-                                  f"({moe.num_experts})")
-        return k
-    if moe.router in ("thor", "adaptive") and not fallback:
-        raise ConversionError(
-            f"moe.router '{moe.router}' cannot be expressed by Mixtral (THOR picks random experts; "
-            f"adaptive gating uses one or two experts per token). Pass --fallback-topk K to "
-            f"export its router weights as a plain top-K softmax router, knowing that the "
-            f"exported model then routes differently from the trained one")
-    k = topk or moe.topk
-    if moe.router in ("thor", "adaptive"):
-        return k
-    if topk is not None and topk != moe.topk and not fallback:
-        raise ConversionError(f"--topk {topk} differs from moe.topk ({moe.topk}); only "
-                              f"SMoE-Dropout models are meant to run at another k")
-    if k == 1:
-        raise ConversionError("moe.topk 1: megatron weights the chosen expert by its softmax "
-                              "probability over all experts, Mixtral by 1.0; the outputs would "
-                              "differ")
-    return k
+    return routing_method(cfg).export_topk(cfg, topk, fallback)
 
 
 def hf_config(cfg: Config, vocab_size: int, topk: int, dtype: str) -> dict:

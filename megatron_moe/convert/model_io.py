@@ -62,10 +62,10 @@ def _as_dict(cfg: Config) -> dict:
     return to_dict(cfg)
 
 
-def build(cfg: Config, vocab_size: int, env, topk: int | None = None):
+def build(cfg: Config, vocab_size: int, env, eval_topk: int | None = None):
     """Process groups (if needed) and this rank's GPTModel in eval mode, randomly initialised.
 
-    ``topk``: experts per token for SMoE-Dropout's router (its k lives in the routing context)."""
+    ``eval_topk``: experts per token for SMoE-Dropout's router (None: the config's)."""
     from megatron_moe.model.build import build_model, transformer_config
     from megatron_moe.routing.context import RoutingContext
     from megatron_moe.runtime.distributed import init_distributed
@@ -75,17 +75,19 @@ def build(cfg: Config, vocab_size: int, env, topk: int | None = None):
     init_distributed(cfg, env)
     tconfig = transformer_config(cfg)
     tconfig.sequence_parallel = False
-    context = RoutingContext(seed=cfg.train.seed, topk=topk)
+    context = RoutingContext(seed=cfg.train.seed)
     model = build_model(cfg, tconfig, vocab_size, context)
+    if eval_topk is not None:
+        context.eval_topk = eval_topk
     model.eval()
     return model
 
 
-def load(root: str, env, tp: int = 1, pp: int = 1, ep: int = 1, topk: int | None = None):
+def load(root: str, env, tp: int = 1, pp: int = 1, ep: int = 1, eval_topk: int | None = None):
     """(model, info, cfg): the checkpoint's model under (TP, PP, EP), weights loaded."""
     info = inspect(root)
     cfg = with_layout(info.cfg, tp, pp, ep)
-    model = build(cfg, info.vocab_size, env, topk)
+    model = build(cfg, info.vocab_size, env, eval_topk)
     load_checkpoint(str(info.path), cfg, model)
     return model, info, cfg
 

@@ -11,6 +11,7 @@ Legend: B = micro-batch size, S = sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ class MicroBatch:
     labels_BS: torch.Tensor
     loss_mask_BS: torch.Tensor
     position_ids_BS: torch.Tensor
+    padding_BS: Optional[torch.Tensor] = None  # True at padded input positions (None: no padding)
 
 
 class PackedSamples:
@@ -72,7 +74,9 @@ def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_
     ``trim_multiple`` > 0 drops the padding columns to the right of every row's last loss
     position, keeping a multiple of it: with causal attention the loss is unchanged, and short
     translation pairs stop paying for ``seq_length`` (pipeline parallelism needs fixed shapes, so
-    the caller passes 0 there)."""
+    the caller passes 0 there). Samples with a ``pad_id`` (translation) also get the padding mask
+    megatron's MoE layers take, so padded positions carry no routing statistics."""
+    pad_id = getattr(samples, "pad_id", None)
     per_rank = len(indices) // dp_size
     mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     out = []
@@ -86,7 +90,8 @@ def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_
             keep = _kept_columns(np.stack(masks), trim_multiple)
             tokens, labels = tokens[:, :keep].contiguous(), labels[:, :keep].contiguous()
             mask, positions = mask[:, :keep].contiguous(), positions[:, :keep].contiguous()
-        out.append(MicroBatch(tokens, labels, mask, positions))
+        padding = None if pad_id is None else tokens == pad_id
+        out.append(MicroBatch(tokens, labels, mask, positions, padding))
     return out
 
 

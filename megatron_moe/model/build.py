@@ -13,11 +13,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe.config import Config, moe_layer_pattern
-from functools import partial
-
-from megatron_moe.routing.context import RoutingContext
-from megatron_moe.routing.routers import CONTEXT_ROUTERS, ROUTERS
 from megatron_moe.model.spec import decoder_block_spec
+from megatron_moe.routing.context import RoutingContext
+from megatron_moe.routing.registry import routing_method
 from megatron_moe.runtime.cpu_support import cuda_available
 
 
@@ -41,20 +39,6 @@ def _recompute_kwargs(mode: str) -> dict:
     if mode == "selective":
         return dict(recompute_granularity="selective")
     return {}
-
-
-def _megatron_topk(cfg: Config) -> int:
-    """The most experts a token can use: what megatron sizes its structures for."""
-    if cfg.moe.router == "thor":
-        return 1
-    if cfg.moe.router == "smoe_dropout":
-        return cfg.moe.smoe_dropout.k_max or cfg.moe.num_experts
-    return cfg.moe.topk
-
-
-def _aux_coeff(cfg: Config) -> float:
-    """THOR and SMoE-Dropout have no load-balancing loss."""
-    return 0.0 if cfg.moe.router in ("thor", "smoe_dropout") else cfg.moe.aux_loss_coeff
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -86,11 +70,8 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         num_moe_experts=moe.num_experts,
         moe_ffn_hidden_size=m.ffn_hidden_size,
         moe_layer_freq=moe_layer_pattern(m),
-        moe_router_topk=_megatron_topk(cfg),
-        moe_router_pre_softmax=_megatron_topk(cfg) == 1,  # megatron requires it for top-1
         moe_token_dispatcher_type=moe.dispatcher,
-        moe_router_load_balancing_type="aux_loss" if _aux_coeff(cfg) > 0 else "none",
-        moe_aux_loss_coeff=_aux_coeff(cfg),
+        **routing_method(cfg).megatron_settings(moe),  # top-k, pre-softmax, load balancing
         # megatron 0.16.1 divides the z-loss coefficient by the TP x CP size and, with per-token
         # losses, scales the term by the rank-local token count although its gradient is summed
         # over TP: net 1/TP too weak. Pre-multiplying by TP gives the TP=1 gradient.
@@ -141,13 +122,13 @@ def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int,
     """
     from megatron_moe.runtime.cpu_support import compute_device
 
-    router = ROUTERS[cfg.moe.router]
-    if cfg.moe.router in CONTEXT_ROUTERS:
-        router = partial(router, context=context, moe_cfg=cfg.moe)
-    layer_params = {"context": context, "moe_cfg": cfg.moe}
+    method = routing_method(cfg)
+    method.prepare_context(cfg, context)
+    layer_params = {"context": context, "moe_cfg": cfg.moe, "method": method}
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=decoder_block_spec(tconfig, router, layer_params),
+        transformer_layer_spec=decoder_block_spec(tconfig, method.router_builder(cfg, context),
+                                                  layer_params),
         vocab_size=padded_vocab_size(cfg, vocab_size),
         max_sequence_length=cfg.model.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

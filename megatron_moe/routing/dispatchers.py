@@ -3,9 +3,11 @@ local dispatcher that serves a gating-dropped layer without any expert-parallel 
 
 Legend: T tokens on this rank, E experts, L = E / EP local experts, H hidden size.
 
-- Buffers are sized from ``routing_map`` (its number of True entries), not ``T * topk``: adaptive
-  gating (1 or 2 experts per token), SMoE-Dropout (k changes every step) and folded gating-dropout
-  maps (two choices may fold onto one local expert) all route a variable number of pairs.
+- Buffers are sized for the pairs actually routed, not megatron's ``T * moe_router_topk``: the
+  layer sets ``pairs_per_token`` from its routing method before each call (SMoE-Dropout's k of the
+  step, THOR's 1 or E), so the size is a host number; only for maps whose pairs per token vary
+  (adaptive gating: 1 or 2) is it the map's count, a device tensor that megatron moves to the host
+  at its own D2H point (as it does for capacity-limited maps), so no extra sync is added.
 - ``ep_bytes`` counts what this rank *sends* through expert-parallel collectives, dispatch and
   combine: the alltoall dispatcher sends (token, expert) pairs bound for other EP ranks and later the
   results of the pairs it received; the allgather dispatcher sends its T tokens (hidden, probs,
@@ -31,18 +33,24 @@ class MeasuredAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
     """megatron's alltoall dispatcher + variable pairs per token + EP byte counting."""
 
     sent_bytes: float = 0.0  # since the layer last read it
+    pairs_per_token = None  # set by the layer before each call; None = varies per token
 
     def preprocess(self, routing_map_TE: torch.Tensor) -> torch.Tensor:
         tokens_per_local_expert = super().preprocess(routing_map_TE)
-        if not self.drop_and_pad:
-            # 1. size the permutation buffer from the map itself (megatron assumes T * topk)
-            self.num_out_tokens = int(routing_map_TE.sum())
+        if not self.drop_and_pad and self.config.moe_expert_capacity_factor is None:
+            # 1. size the permutation buffer for the pairs routed (megatron assumes T * topk)
+            if self.pairs_per_token is not None:
+                self.num_out_tokens = routing_map_TE.shape[0] * self.pairs_per_token
+            else:  # a device count, moved to the host at megatron's own D2H point
+                self.num_out_tokens = routing_map_TE.sum()
+                self._maybe_update_cuda_sync_point("before_permutation_1")
         return tokens_per_local_expert
 
     def token_dispatch(self, tokens, probs):
         out = super().token_dispatch(tokens, probs)
         if self.ep_size > 1:
             # 2. rows sent to other EP ranks: hidden + prob per (token, expert) pair
+            # (split sizes are host numbers here: megatron moved them at its D2H point)
             me = self.ep_group.rank()
             remote = int(sum(self.input_splits)) - int(self.input_splits[me])
             self.sent_bytes += remote * (tokens.shape[-1] * _elem(tokens) + _elem(probs))
@@ -55,12 +63,13 @@ class MeasuredAlltoAllDispatcher(MoEAlltoAllTokenDispatcher):
             self.sent_bytes += self._remote_received * hidden.shape[-1] * _elem(hidden)
         return super().token_combine(hidden, *args, **kwargs)
 
-    def would_send_bytes(self, routing_map_TE, hidden_size: int, elem: int, prob_elem: int) -> float:
-        """Bytes a call with this routing map would send (combine side assumed symmetric)."""
+    def would_send_bytes(self, routing_map_TE, hidden_size: int, elem: int, prob_elem: int):
+        """Bytes a call with this routing map would send (combine side assumed symmetric); a
+        device tensor, read on the host only when the statistics are reduced."""
         if self.ep_size <= 1:
             return 0.0
         local = slice(self.local_expert_indices[0], self.local_expert_indices[-1] + 1)
-        remote_pairs = int(routing_map_TE.sum()) - int(routing_map_TE[:, local].sum())
+        remote_pairs = routing_map_TE.sum() - routing_map_TE[:, local].sum()
         return remote_pairs * (2 * hidden_size * elem + prob_elem)
 
 

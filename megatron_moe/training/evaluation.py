@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from megatron_moe.routing.schedules import eval_topk
 from megatron_moe.training.setup import Run
 from megatron_moe.training.step import forward_backward
 
 
 def validation_loss(run: Run) -> float:
-    """Same sequences in the same order on every layout, so the value is layout-independent."""
+    """Same sequences in the same order on every layout, so the value is layout-independent.
+
+    Routers run in evaluation mode: SMoE-Dropout at the context's ``eval_topk``, THOR and adaptive
+    gating by their inference settings. MoE layers record no statistics in evaluation."""
     run.ddp.eval()
-    saved = (run.context.step, run.context.topk)
-    run.context.topk = eval_topk(run.cfg.moe) if run.cfg.moe.router == "smoe_dropout" else None
+    step = run.context.step
     loss_sum, tokens = 0.0, 0.0
     with torch.no_grad():
         for i in range(run.cfg.train.eval_iters):
@@ -22,8 +23,6 @@ def validation_loss(run: Run) -> float:
             s, n = forward_backward(run.ddp, batches, run.cfg.model.seq_length, forward_only=True,
                                     forward_step_func=run.forward_step)["lm_loss"]
             loss_sum, tokens = loss_sum + s, tokens + n
-    run.context.start_step(saved[0])
-    run.context.topk = saved[1]
-    run.context.reset_stats()
+    run.context.start_step(step)
     run.ddp.train()
     return loss_sum / tokens

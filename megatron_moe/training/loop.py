@@ -15,22 +15,20 @@ from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.evaluation import validation_loss
 from megatron_moe.training.optim import use_fused_adam
-from megatron_moe.routing.schedules import scheduled_topk
 from megatron_moe.training.preemption import StopRequest
 from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
 from megatron_moe.training.setup import Run, setup_run
 from megatron_moe.training.step import forward_backward
 
 
-def train_step(run: Run, step: int) -> tuple[dict, dict]:
+def train_step(run: Run, step: int) -> dict:
     """Forward/backward over the step's global batch, then one optimizer + LR update.
 
-    Returns the step's log values and the per-MoE-layer routing values.
+    Returns the step's values; routing statistics stay on device until :func:`interval_values`.
     """
     started = time.perf_counter()
     run.context.start_step(step)
-    if run.cfg.moe.router == "smoe_dropout":
-        run.context.topk = scheduled_topk(run.cfg.moe, run.cfg.train.steps, step)
+    run.method.start_step(run.cfg, run.context, step)  # e.g. SMoE-Dropout's k of this step
     batches = run.batches(run.train_samples, step, shuffle=True)
     run.ddp.train()
     run.ddp.zero_grad_buffer()
@@ -39,24 +37,29 @@ def train_step(run: Run, step: int) -> tuple[dict, dict]:
                                forward_step_func=run.forward_step, duplicated=run.duplicated)
     _, grad_norm, _ = run.optimizer.step()
     run.scheduler.step(increment=1)
-    aux = moe_aux_losses(run.cfg, run.tconfig, len(batches))
-    routing, per_layer = routing_metrics(run.cfg, run.context.reset_stats())
     elapsed = time.perf_counter() - started
     loss_sum, tokens = reports["lm_loss"]
     values = {
         "loss": loss_sum / tokens,
-        "aux_loss": aux.get("load_balancing_loss"),
         "lr": run.optimizer.param_groups[0]["lr"],
         "grad_norm": grad_norm,
         "tokens_per_s": tokens / elapsed,
         "step_time_s": elapsed,
-        **routing,
+        "microbatches": len(batches),
+        **run.method.step_values(run.context),
     }
     if "consistency_loss" in reports:
         values["consistency_loss"] = reports["consistency_loss"][0] / reports["consistency_loss"][1]
-    if run.context.topk is not None:
-        values["k"] = run.context.topk
-    return values, per_layer
+    return values
+
+
+def interval_values(run: Run, steps: int, microbatches: int) -> tuple[dict, dict]:
+    """The log interval's router losses and routing statistics (collectives: every rank calls it
+    on the same steps). Returns (log-line values, per-layer TensorBoard values)."""
+    aux = moe_aux_losses(run.cfg, run.tconfig, microbatches)
+    routing, per_layer = routing_metrics(run.cfg, run.method, run.context.reset_stats(), steps)
+    names = {"load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
+    return {**{names[k]: v for k, v in aux.items()}, **routing}, per_layer
 
 
 def _eta(elapsed: float, steps_done: int, steps_left: int, budget) -> float:
@@ -88,7 +91,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     if cfg.checkpoint.save:
         check_writable(cfg.checkpoint.save, env.rank)
     run = setup_run(cfg, env, training=True)
-    logger = MetricsLogger(cfg, is_main_rank())
+    logger = MetricsLogger(cfg, is_main_rank(), method_fields=run.method.log_fields)
     start = 0
     if cfg.checkpoint.load:
         resumed = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer,
@@ -121,18 +124,26 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
     Returns the losses, the last completed step and whether a stop signal ended it.
     """
     cfg, losses, done, signalled = run.cfg, [], start, False
+    pending_steps = pending_microbatches = 0  # since the last log line
     for step in range(start, cfg.train.steps):
-        values, per_layer = train_step(run, step)
+        values = train_step(run, step)
         losses.append(values["loss"])
         done = step + 1
+        pending_steps, pending_microbatches = (pending_steps + 1,
+                                               pending_microbatches + values.pop("microbatches"))
         elapsed = time.perf_counter() - started
         out_of_time = budget is not None and elapsed >= budget
         values["eta_s"] = _eta(elapsed, done - start, cfg.train.steps - done, budget)
-        logger.record_step(done, values)
-        logger.log_layers(done, per_layer)
         signalled = stop.agreed()
         last = done == cfg.train.steps or out_of_time or signalled
-        if done % cfg.logging.interval == 0 or last or done == start + 1:
+        log_step = done % cfg.logging.interval == 0 or last or done == start + 1
+        if log_step:  # the interval's device statistics are read here, and only here
+            interval, per_layer = interval_values(run, pending_steps, pending_microbatches)
+            values.update(interval)
+            logger.log_layers(done, per_layer)
+            pending_steps = pending_microbatches = 0
+        logger.record_step(done, values)
+        if log_step:
             logger.log_step(done, cfg.train.steps, values)
         if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:
             logger.log_eval(done, validation_loss(run))

@@ -16,7 +16,10 @@ _FIELDS = ("calls", "dropped", "ep_bytes", "ep_bytes_saved", "two_expert_tokens"
 
 
 def moe_aux_losses(cfg: Config, tconfig, num_microbatches: int) -> dict[str, float]:
-    """Mean per-MoE-layer router losses of the last step (collective: call on every rank)."""
+    """Mean per-MoE-layer router losses since the last call (collective: call on every rank).
+
+    megatron's tracker sums every micro-batch's value until read; ``num_microbatches`` is the
+    number of micro-batches since the last call (all steps of the log interval)."""
     names = []
     if tconfig.moe_aux_loss_coeff > 0:
         names.append("load_balancing_loss")
@@ -31,40 +34,50 @@ def moe_aux_losses(cfg: Config, tconfig, num_microbatches: int) -> dict[str, flo
     return {k: float(v) for k, v in totals.items()}
 
 
-def routing_metrics(cfg: Config, stats: dict) -> tuple[dict, dict]:
-    """(step summary, per-layer values) of the routing statistics, summed over all ranks.
+def _stats_table(num_layers: int, E: int, stats: dict) -> torch.Tensor:
+    """[layers, fields + E] of this rank's statistics, on the compute device (no host read)."""
+    device = compute_device()
+    table = torch.zeros(num_layers, len(_FIELDS) + E, dtype=torch.float64, device=device)
+    for layer, st in stats.items():
+        row = table[layer - 1]
+        row[0], row[1], row[2] = float(st.calls), float(st.dropped), float(st.ep_bytes)
+        for i, name in ((3, "ep_bytes_saved"), (4, "two_expert_tokens"), (5, "tokens")):
+            if getattr(st, name) is not None:
+                row[i] = getattr(st, name)
+        if st.tokens_per_expert is not None and st.tokens_per_expert.numel() == E:
+            row[len(_FIELDS):] = st.tokens_per_expert
+    return table
 
-    Collective: every rank calls it with the stats of its own MoE layers.
+
+def routing_metrics(cfg: Config, method, stats: dict, steps: int) -> tuple[dict, dict]:
+    """(summary, per-layer values) of the routing statistics of the last ``steps`` steps, summed
+    over all ranks: one all-reduce and one host read, on log steps only.
+
+    Collective: every rank calls it with the stats of its own MoE layers. Byte counts are per
+    step (means over the interval); rates and fractions are over all the interval's calls/tokens.
     """
     num_layers, E = cfg.model.num_layers, cfg.moe.num_experts
-    table = torch.zeros(num_layers, len(_FIELDS) + E, dtype=torch.float64)
-    for layer, st in stats.items():
-        table[layer - 1, :len(_FIELDS)] = torch.tensor([float(getattr(st, f)) for f in _FIELDS],
-                                                       dtype=torch.float64)
-        if st.tokens_per_expert is not None and st.tokens_per_expert.numel() == E:
-            table[layer - 1, len(_FIELDS):] = st.tokens_per_expert
+    table = _stats_table(num_layers, E, stats)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        table = table.to(compute_device())
         torch.distributed.all_reduce(table)
-        table = table.cpu()
+    table = table.cpu()  # the one host read
     col = {f: table[:, i] for i, f in enumerate(_FIELDS)}
-    summary = {"ep_mbytes": float(col["ep_bytes"].sum()) / 1e6}
+    totals = {f: float(col[f].sum()) for f in _FIELDS}
+    summary = {"ep_mbytes": totals["ep_bytes"] / steps / 1e6}
     if cfg.moe.gating_dropout.p > 0:
-        summary["drop_rate"] = float(col["dropped"].sum() / col["calls"].sum().clamp(min=1))
-        summary["ep_mbytes_saved"] = float(col["ep_bytes_saved"].sum()) / 1e6
-    if cfg.moe.router == "adaptive":
-        summary["two_expert_frac"] = float(col["two_expert_tokens"].sum()
-                                           / col["tokens"].sum().clamp(min=1))
+        summary["drop_rate"] = totals["dropped"] / max(totals["calls"], 1.0)
+        summary["ep_mbytes_saved"] = totals["ep_bytes_saved"] / steps / 1e6
+    summary.update(method.observables(totals))
     per_layer = {}
     for layer in range(num_layers):
-        if col["tokens"][layer] == 0:
+        if col["tokens"][layer] == 0 and col["calls"][layer] == 0:
             continue
         prefix = f"moe/layer{layer + 1}"
-        per_layer[f"{prefix}/ep_bytes"] = float(col["ep_bytes"][layer])
+        per_layer[f"{prefix}/ep_bytes"] = float(col["ep_bytes"][layer]) / steps
         per_layer[f"{prefix}/drop_rate"] = float(col["dropped"][layer] / max(col["calls"][layer], 1))
-        per_layer[f"{prefix}/ep_bytes_saved"] = float(col["ep_bytes_saved"][layer])
+        per_layer[f"{prefix}/ep_bytes_saved"] = float(col["ep_bytes_saved"][layer]) / steps
         per_layer[f"{prefix}/two_expert_frac"] = float(col["two_expert_tokens"][layer]
-                                                       / col["tokens"][layer])
+                                                       / max(col["tokens"][layer], 1.0))
         for e in range(E):
             per_layer[f"{prefix}/expert{e}_tokens"] = float(table[layer, len(_FIELDS) + e])
     return summary, per_layer
@@ -73,8 +86,9 @@ def routing_metrics(cfg: Config, stats: dict) -> tuple[dict, dict]:
 class MetricsLogger:
     """Prints one line per logging interval on rank 0 and mirrors it to TensorBoard."""
 
-    def __init__(self, cfg: Config, is_main: bool, stream=None):
+    def __init__(self, cfg: Config, is_main: bool, stream=None, method_fields: tuple = ()):
         self.is_main = is_main
+        self.method_fields = method_fields  # the routing method's (key, format) pairs
         self.stream = stream if stream is not None else sys.stdout  # as it is now, not at import
         self.writer = None
         self.metrics = None
@@ -101,11 +115,10 @@ class MetricsLogger:
             return
         filled = int(20 * step / max(total_steps, 1))
         parts = [f"step {step:>6d}/{total_steps} [{'#' * filled}{'.' * (20 - filled)}]"]
-        for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("consistency_loss", ".4f"),
-                         ("k", "d"), ("drop_rate", ".3f"), ("two_expert_frac", ".3f"),
-                         ("ep_mbytes", ".3f"), ("ep_mbytes_saved", ".3f"), ("lr", ".3e"),
-                         ("grad_norm", ".3f"), ("tokens_per_s", ".0f"), ("step_time_s", ".3f"),
-                         ("eta_s", ".0f")):
+        for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("z_loss", ".4f"), *self.method_fields,
+                         ("drop_rate", ".3f"), ("ep_mbytes", ".3f"), ("ep_mbytes_saved", ".3f"),
+                         ("lr", ".3e"), ("grad_norm", ".3f"), ("tokens_per_s", ".0f"),
+                         ("step_time_s", ".3f"), ("eta_s", ".0f")):
             if values.get(key) is not None:
                 parts.append(f"{key} {values[key]:{fmt}}")
         print(" | ".join(parts), file=self.stream, flush=True)

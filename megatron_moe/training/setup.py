@@ -18,7 +18,10 @@ from megatron_moe.data.tokenizer import build_tokenizer, pack_documents
 from megatron_moe.data.translation import TranslationSamples, load_meta
 from megatron_moe.model.build import build_model, transformer_config
 from megatron_moe.routing.context import RoutingContext
+from megatron_moe.routing.method import RoutingMethod
+from megatron_moe.routing.registry import routing_method
 from megatron_moe.training.step import make_forward_step
+from megatron_moe.validation import warnings_for
 from megatron_moe.runtime.cpu_support import compute_device
 from megatron_moe.runtime.distributed import LaunchEnv, init_distributed, is_main_rank
 from megatron_moe.training.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -33,6 +36,7 @@ class Run:
     train_samples: Optional[PackedSamples]
     valid_samples: PackedSamples
     context: RoutingContext  # shared with every MoE layer: step, micro-batch, k, statistics
+    method: RoutingMethod  # moe.router's object: hooks, loss, observables
     forward_step: Any  # the schedule's forward-step function
     optimizer: Any = None
     scheduler: Any = None
@@ -40,8 +44,8 @@ class Run:
 
     @property
     def duplicated(self) -> bool:
-        """THOR trains on duplicated micro-batches."""
-        return self.cfg.moe.router == "thor"
+        """Whether training micro-batches are duplicated (THOR)."""
+        return self.method.duplicates_batch
 
     def batches(self, samples: PackedSamples, step: int, shuffle: bool) -> list[MicroBatch]:
         t = self.cfg.train
@@ -108,6 +112,8 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
     # 2. process groups and seeds
     started = time.perf_counter()
     init_distributed(cfg, env)
+    for note in warnings_for(cfg):
+        _log(f"warning: {note}")
     _log(f"{env.launcher} launch, world size {env.world_size}: tp={cfg.parallel.tp} "
          f"pp={cfg.parallel.pp} ep={cfg.parallel.ep} etp={cfg.parallel.etp} "
          f"dp={parallel_state.get_data_parallel_world_size()} on {compute_device()}")
@@ -122,9 +128,9 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
     _log(f"model built in {time.perf_counter() - started:.1f}s: {n_params:,} parameters on rank 0 "
          f"(stage {parallel_state.get_pipeline_model_parallel_rank()}), "
          f"{len(train_samples) if train_samples else 0} train / {len(valid_samples)} valid sequences")
-    thor_alpha = cfg.moe.thor.alpha if cfg.moe.router == "thor" else None
-    run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples, context,
-              make_forward_step(context, thor_alpha))
+    method = routing_method(cfg)
+    run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples, context, method,
+              make_forward_step(context, method.loss_function(cfg), tconfig.sequence_parallel))
     # 4. optimizer and schedule
     if training:
         run.optimizer = build_optimizer(cfg, tconfig, ddp)

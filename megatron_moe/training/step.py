@@ -4,9 +4,10 @@ Losses are per-token sums with token counts (``calculate_per_token_loss``): mega
 gradients by the global token count in ``finalize_model_grads``, so the update equals that of one
 process holding the whole global batch, whatever the TP/PP/EP/DP layout.
 
-THOR (``moe.router: thor``) trains on each micro-batch duplicated along the batch dimension,
-``[x; x]``; its loss (two cross-entropies and the consistency term) is computed on the last
-stage from vocab-parallel logits, see :mod:`megatron_moe.routing.thor_loss`.
+A routing method that trains on duplicated micro-batches (THOR: ``[x; x]`` along the batch) gives
+its own loss function of the vocab-parallel logits (:meth:`RoutingMethod.loss_function`).
+Translation batches pass megatron's ``padding_mask`` (True = padding), so MoE layers leave padded
+positions out of the balancing statistics and the load counts; the loss is unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe.data.batches import MicroBatch
 from megatron_moe.routing.context import RoutingContext
-from megatron_moe.routing.thor_loss import thor_loss
 from megatron_moe.runtime.cpu_support import compute_device
 
 
@@ -35,29 +35,44 @@ def loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
     return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(loss_sum, num_tokens))
 
 
-def thor_loss_func(labels_2BS, loss_mask_2BS, alpha: float, logits_2BSV: torch.Tensor):
-    loss_sum, num_tokens, ce_sum, cr_sum = thor_loss(logits_2BSV, labels_2BS, loss_mask_2BS, alpha)
+def duplicated_loss_func(method_loss, labels_2BS, loss_mask_2BS, logits_2BSV: torch.Tensor):
+    loss_sum, num_tokens, ce_sum, cr_sum = method_loss(logits_2BSV, labels_2BS, loss_mask_2BS)
     return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(ce_sum, num_tokens),
                                                        consistency_loss=(cr_sum, num_tokens))
 
 
-def _twice(t: torch.Tensor) -> torch.Tensor:
-    return torch.cat([t, t], dim=0)
+def _twice(t):
+    return None if t is None else torch.cat([t, t], dim=0)
 
 
-def make_forward_step(context: RoutingContext, thor_alpha=None):
-    """The schedule's forward-step function; advances the context's micro-batch counter."""
+def stage_padding_mask(padding_BS, sequence_parallel: bool):
+    """megatron scatters the padding mask over the sequence-parallel ranks on the first pipeline
+    stage only (GPTModel._preprocess, 0.16.1); later stages receive their shard from here."""
+    if padding_BS is None or not sequence_parallel or parallel_state.is_pipeline_first_stage():
+        return padding_BS
+    tp, rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_tensor_model_parallel_rank())
+    S_local = padding_BS.shape[1] // tp
+    return padding_BS[:, rank * S_local:(rank + 1) * S_local].contiguous()
+
+
+def make_forward_step(context: RoutingContext, method_loss=None, sequence_parallel=False):
+    """The schedule's forward-step function; advances the context's micro-batch counter.
+
+    ``method_loss``: the routing method's loss on the duplicated batch (None: plain LM loss)."""
 
     def forward_step(data_iterator, model):
         batch: MicroBatch = next(data_iterator)
         context.next_microbatch()
-        if thor_alpha is not None and model.training:
+        if method_loss is not None and model.training:
+            padding = stage_padding_mask(_twice(batch.padding_BS), sequence_parallel)
             logits_2BSV = model(_twice(batch.tokens_BS), _twice(batch.position_ids_BS),
-                                attention_mask=None)
-            return logits_2BSV, partial(thor_loss_func, _twice(batch.labels_BS),
-                                        _twice(batch.loss_mask_BS), thor_alpha)
+                                attention_mask=None, padding_mask=padding)
+            return logits_2BSV, partial(duplicated_loss_func, method_loss,
+                                        _twice(batch.labels_BS), _twice(batch.loss_mask_BS))
+        padding = stage_padding_mask(batch.padding_BS, sequence_parallel)
         output_BS = model(batch.tokens_BS, batch.position_ids_BS, attention_mask=None,
-                          labels=batch.labels_BS)
+                          labels=batch.labels_BS, padding_mask=padding)
         return output_BS, partial(loss_func, batch.loss_mask_BS)
 
     return forward_step

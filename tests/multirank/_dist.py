@@ -86,7 +86,7 @@ def build_moe_layer(cfg, context=None, megatron_plain: bool = False, tconfig=Non
     from megatron_moe.model.build import transformer_config
     from megatron_moe.model.spec import decoder_block_spec
     from megatron_moe.routing.context import RoutingContext
-    from megatron_moe.routing.routers import CONTEXT_ROUTERS, ROUTERS
+    from megatron_moe.routing.registry import routing_method
 
     tconfig = tconfig or transformer_config(cfg)
     context = context or RoutingContext(seed=cfg.train.seed)
@@ -94,12 +94,10 @@ def build_moe_layer(cfg, context=None, megatron_plain: bool = False, tconfig=Non
         spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False,
                                           normalization="RMSNorm")
     else:
-        router = ROUTERS[cfg.moe.router]
-        if cfg.moe.router in CONTEXT_ROUTERS:
-            from functools import partial
-
-            router = partial(router, context=context, moe_cfg=cfg.moe)
-        spec = decoder_block_spec(tconfig, router, {"context": context, "moe_cfg": cfg.moe})
+        method = routing_method(cfg)
+        method.prepare_context(cfg, context)
+        spec = decoder_block_spec(tconfig, method.router_builder(cfg, context),
+                                  {"context": context, "moe_cfg": cfg.moe, "method": method})
     layer = build_module(spec.layer_specs[0].submodules.mlp, config=tconfig)
     layer.set_layer_number(1)
     return layer, context

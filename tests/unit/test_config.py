@@ -50,6 +50,14 @@ def test_bad_keys_and_types(override, message):
     (["data.beam_size=0"], 1, r"data\.beam_size \(0\) must be >= 1 \(1 = greedy\)"),
     (["data.length_penalty=nan"], 1, r"data\.length_penalty \(nan\) must be a finite number"),
     (["data.length_penalty=inf"], 1, r"data\.length_penalty \(inf\) must be a finite number"),
+    (["moe.dispatcher=flex"], 1, r"moe\.dispatcher \('flex'\) must be one of: allgather, alltoall"),
+    (["moe.router=adaptive", "moe.adaptive.inference=top2"], 1,
+     r"moe\.adaptive\.inference \('top2'\) must be one of: adaptive, top1"),
+    (["moe.router=thor", "moe.gating_dropout.p=0.1"], 1,
+     r"moe\.gating_dropout\.p \(0\.1\) applies to a learned gate; moe\.router 'thor' has none"),
+    (["moe.router=smoe_dropout", "moe.smoe_dropout.schedule=step"], 1,
+     r"moe\.smoe_dropout\.schedule \('step'\) must be one of: linear, cosine, exp, multistep"),
+    (["moe.router=adaptive", "moe.capacity_factor=1.0"], 1, r"moe\.capacity_factor \(1\.0\)"),
 ])
 def test_validation_names_fields_and_values(overrides, world, message):
     cfg = load_config(DEBUG_CONFIG, overrides)
@@ -83,3 +91,32 @@ def test_cli_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "megatron_moe", "--help"], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
+
+
+def test_gate_drop_at_ep1_is_a_warning_naming_both_fields():
+    from megatron_moe.validation import warnings_for
+
+    cfg = load_config(DEBUG_CONFIG, ["moe.gating_dropout.p=0.3"])
+    validate(cfg, 1)
+    (note,) = warnings_for(cfg)
+    assert "moe.gating_dropout.mode gate_drop" in note and "parallel.ep 1" in note
+    assert warnings_for(load_config(DEBUG_CONFIG, ["moe.gating_dropout.p=0.3",
+                                                   "parallel.ep=2"])) == []
+    assert warnings_for(load_config(DEBUG_CONFIG, ["moe.gating_dropout.p=0.3",
+                                                   "moe.gating_dropout.mode=gate_expert_drop"])) == []
+
+
+def test_no_router_name_comparison_outside_routing():
+    """A method's knowledge lives in its module: nothing else compares moe.router to a name."""
+    import re
+
+    from tests.conftest import REPO
+
+    offenders = []
+    for path in [*(REPO / "megatron_moe").rglob("*.py"), *(REPO / "tools").rglob("*.py")]:
+        if "routing" in path.relative_to(REPO).parts:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"router\s*(==|!=|in\s*\()", line):
+                offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not offenders, offenders

@@ -1,0 +1,112 @@
+"""A routing method is one object: :class:`RoutingMethod`, subclassed once per method module.
+
+Everything the rest of megatron_moe needs to know about a method is asked of its object (found in
+:data:`megatron_moe.routing.registry.METHODS` by ``moe.router``); nothing outside ``routing/``
+compares the router's name. The base class is the plain top-k behaviour; a method overrides what
+it changes:
+
+- ``router``: the class given to megatron's ``MoESubmodules.router`` (:meth:`router_builder`);
+- :meth:`megatron_settings`: megatron's top-k, pre-softmax and load-balancing fields for it;
+- :meth:`check`: its config sub-section (``ConfigError`` naming the field);
+- :meth:`start_step` / :meth:`prepare_context`: per-step and evaluation knobs in the context;
+- :meth:`pairs_per_token`: (token, expert) pairs per token when fixed, so the dispatcher sizes its
+  buffers without reading the routing map's count on the host;
+- ``duplicates_batch`` / :meth:`loss_function`: THOR's ``[x; x]`` batch and its loss;
+- :meth:`observables`: its values for the log line (``log_fields``) from the per-layer totals;
+- :meth:`export_topk`: its Hugging Face export policy;
+- :meth:`sample_order`: a data order of its own (adaptive gating's curriculum), or None.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron_moe.config import ConfigError
+
+
+class RoutingMethod:
+    name: str = ""
+    router: type = None  # set by each method module
+    summary: str = ""  # one line for --help and the README table
+    has_gate = True  # a learned gate whose choice gating dropout can override
+    duplicates_batch = False  # THOR trains on [x; x]
+    log_fields: tuple = ()  # (key, format) pairs this method adds to the log line
+
+    # -- build ---------------------------------------------------------------------------------
+    def router_builder(self, cfg, context):
+        """The callable megatron's ``MoESubmodules.router`` builds each layer's router with."""
+        return partial(self.router, context=context, moe_cfg=cfg.moe)
+
+    def megatron_topk(self, moe) -> int:
+        """The most experts a token can use: what megatron sizes its structures for."""
+        return moe.topk
+
+    def aux_loss_coeff(self, moe) -> float:
+        return moe.aux_loss_coeff
+
+    def megatron_settings(self, moe) -> dict:
+        """megatron's TransformerConfig fields for this method's routing."""
+        k, coeff = self.megatron_topk(moe), self.aux_loss_coeff(moe)
+        return dict(moe_router_topk=k,
+                    moe_router_pre_softmax=k == 1,  # megatron requires it for top-1
+                    moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
+                    moe_aux_loss_coeff=coeff)
+
+    def check(self, cfg) -> None:
+        """Raise ConfigError for a bad value in this method's own settings."""
+        if cfg.moe.gating_dropout.p > 0 and not self.has_gate:
+            raise ConfigError(f"moe.gating_dropout.p ({cfg.moe.gating_dropout.p}) applies to a "
+                              f"learned gate; moe.router {self.name!r} has none")
+        if cfg.moe.capacity_factor is not None and self.pairs_vary():
+            raise ConfigError(f"moe.capacity_factor ({cfg.moe.capacity_factor}) is not supported "
+                              f"with moe.router {self.name!r} (dropless only)")
+
+    # -- run time ------------------------------------------------------------------------------
+    def prepare_context(self, cfg, context) -> None:
+        """Set the context's evaluation knobs once, after the model is built."""
+
+    def start_step(self, cfg, context, step: int) -> None:
+        """Per-step hook, called before the step's forward passes."""
+
+    def pairs_vary(self) -> bool:
+        """Whether the number of experts per token varies from token to token."""
+        return False
+
+    def pairs_per_token(self, moe, context, training: bool):
+        """Experts per token when every token uses the same number, else None."""
+        return None if self.pairs_vary() else self.megatron_topk(moe)
+
+    def loss_function(self, cfg):
+        """A THOR-style loss on the duplicated batch, or None for the plain LM loss."""
+        return None
+
+    def sample_order(self, cfg):
+        """A callable giving the training order of an epoch, or None for the seeded shuffle."""
+        return None
+
+    # -- reporting and export ------------------------------------------------------------------
+    def step_values(self, context) -> dict:
+        """Per-step values for the log line and metrics file (host values only)."""
+        return {}
+
+    def observables(self, totals: dict) -> dict:
+        """Log-line values from interval totals over all layers (``two_expert_tokens``, ...)."""
+        return {}
+
+    def export_topk(self, cfg, topk, fallback: bool) -> int:
+        """Experts per token of a Hugging Face Mixtral export (ConversionError if impossible)."""
+        from megatron_moe.convert.mixtral import ConversionError
+
+        k = topk or cfg.moe.topk
+        if topk is not None and topk != cfg.moe.topk and not fallback:
+            raise ConversionError(f"--topk {topk} differs from moe.topk ({cfg.moe.topk}); only "
+                                  f"SMoE-Dropout models are meant to run at another k")
+        if k == 1:
+            raise ConversionError("moe.topk 1: megatron weights the chosen expert by its softmax "
+                                  "probability over all experts, Mixtral by 1.0; the outputs "
+                                  "would differ")
+        return k
+
+    def export_router_k(self, cfg, topk: int):
+        """The k the exported model's source must be run at for verification (None = its own)."""
+        return None
