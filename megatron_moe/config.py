@@ -68,6 +68,7 @@ class SMoEDropoutConfig:
 class AdaptiveConfig:
     threshold: float = 0.1  # a token uses two experts when q1 - q2 <= threshold
     inference: str = "adaptive"  # adaptive (the training rule) | top1 (the paper's evaluation)
+    curriculum: bool = False  # order each epoch by similarity of per-layer two-expert fractions
 
 
 @dataclass

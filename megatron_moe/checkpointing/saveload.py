@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class Resumed:
     step: int  # optimizer steps completed
     consumed_samples: int  # training sequences consumed (the data position)
     path: Path
+    common: dict = field(default_factory=dict)  # the checkpoint's common state
 
 
 def layout(cfg: Config, world_size: int) -> dict:
@@ -248,7 +249,7 @@ def load_checkpoint(root: str, cfg: Config, model, optimizer=None, scheduler=Non
         rng.restore(loaded[rng.KEY])
     step = int(common.get("step", 0))
     consumed = common.get("consumed_samples", step * cfg.train.global_batch_size)
-    return Resumed(step, int(consumed), target)
+    return Resumed(step, int(consumed), target, common)
 
 
 def _optimizer_loadable(target: Path, common: dict, same_layout: bool, cfg: Config,

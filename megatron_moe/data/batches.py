@@ -24,6 +24,7 @@ class MicroBatch:
     loss_mask_BS: torch.Tensor
     position_ids_BS: torch.Tensor
     padding_BS: Optional[torch.Tensor] = None  # True at padded input positions (None: no padding)
+    sample_ids_B: Optional[torch.Tensor] = None  # the rows' sample indices (training data)
 
 
 class PackedSamples:
@@ -49,12 +50,13 @@ class PackedSamples:
 
 
 def global_batch_indices(samples, step: int, global_batch: int, seed: int,
-                         shuffle: bool, sample_offset: int = 0) -> np.ndarray:
+                         shuffle: bool, sample_offset: int = 0, order=None) -> np.ndarray:
     """Sample indices of global batch ``step``: the dataset's seeded epoch orders, or in order.
 
     The batch covers positions ``step * global_batch + sample_offset`` onwards of the endless
     sequence of epochs; a run resumed with another batch size passes the offset that continues
-    at the checkpoint's consumed-sample count."""
+    at the checkpoint's consumed-sample count. ``order(epoch)`` replaces the seeded epoch order
+    (adaptive gating's curriculum)."""
     num_samples = len(samples)
     first = step * global_batch + sample_offset
     positions = np.arange(first, first + global_batch)
@@ -63,7 +65,8 @@ def global_batch_indices(samples, step: int, global_batch: int, seed: int,
     epochs, offsets = np.divmod(positions, num_samples)
     out = np.empty_like(positions)
     for epoch in np.unique(epochs):
-        out[epochs == epoch] = samples.order(int(epoch), seed)[offsets[epochs == epoch]]
+        perm = order(int(epoch)) if order is not None else samples.order(int(epoch), seed)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
     return out
 
 
@@ -81,7 +84,8 @@ def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_
     mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     out = []
     for start in range(0, per_rank, micro_batch_size):
-        rows, masks = zip(*(samples.row(int(i)) for i in mine[start : start + micro_batch_size]))
+        ids = mine[start : start + micro_batch_size]
+        rows, masks = zip(*(samples.row(int(i)) for i in ids))
         rows_BS1 = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
         tokens, labels = rows_BS1[:, :-1].contiguous(), rows_BS1[:, 1:].contiguous()
         positions = torch.arange(samples.seq_length, device=device).expand_as(tokens).contiguous()
@@ -91,7 +95,8 @@ def micro_batches(samples: PackedSamples, indices: np.ndarray, dp_rank: int, dp_
             tokens, labels = tokens[:, :keep].contiguous(), labels[:, :keep].contiguous()
             mask, positions = mask[:, :keep].contiguous(), positions[:, :keep].contiguous()
         padding = None if pad_id is None else tokens == pad_id
-        out.append(MicroBatch(tokens, labels, mask, positions, padding))
+        sample_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(device)
+        out.append(MicroBatch(tokens, labels, mask, positions, padding, sample_ids))
     return out
 
 

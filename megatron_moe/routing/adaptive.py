@@ -95,6 +95,14 @@ class AdaptiveMethod(RoutingMethod):
             raise ConfigError(f"moe.adaptive.inference ({moe.adaptive.inference!r}) must be one "
                               f"of: {', '.join(INFERENCE)}")
 
+    def curriculum(self, cfg, samples, device):
+        if not cfg.moe.adaptive.curriculum:
+            return None
+        from megatron_moe.routing.curriculum import SampleRouting
+
+        return SampleRouting(len(samples), cfg.model.num_layers, cfg.train.seed,
+                             lambda epoch: samples.order(epoch, cfg.train.seed), device)
+
     def observables(self, totals: dict) -> dict:
         return {"two_expert_frac": totals["two_expert_tokens"] / max(totals["tokens"], 1.0)}
 

@@ -96,6 +96,7 @@ class RoutingContext:
     microbatch: int = -1  # index of the micro-batch being forwarded within the step
     topk: Optional[int] = None  # SMoE-Dropout: experts per token in training (set every step)
     eval_topk: Optional[int] = None  # SMoE-Dropout: experts per token in evaluation
+    sample_routing: Optional[object] = None  # adaptive curriculum: per-sample routing tables
     stats: dict = field(default_factory=lambda: defaultdict(LayerStats))  # layer number -> stats
 
     def start_step(self, step: int) -> None:

@@ -14,7 +14,7 @@ it changes:
 - ``duplicates_batch`` / :meth:`loss_function`: THOR's ``[x; x]`` batch and its loss;
 - :meth:`observables`: its values for the log line (``log_fields``) from the per-layer totals;
 - :meth:`export_topk`: its Hugging Face export policy;
-- :meth:`sample_order`: a data order of its own (adaptive gating's curriculum), or None.
+- :meth:`curriculum`: a data order of its own (adaptive gating's), or None.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ class RoutingMethod:
         """A THOR-style loss on the duplicated batch, or None for the plain LM loss."""
         return None
 
-    def sample_order(self, cfg):
-        """A callable giving the training order of an epoch, or None for the seeded shuffle."""
+    def curriculum(self, cfg, samples, device):
+        """A :class:`~megatron_moe.routing.curriculum.SampleRouting` that records per-sample
+        routing and gives each epoch's training order, or None for the seeded shuffle."""
         return None
 
     # -- reporting and export ------------------------------------------------------------------

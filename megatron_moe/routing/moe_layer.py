@@ -121,6 +121,9 @@ class RoutedMoELayer(MoELayer):
             stats = self.context.stats[self.layer_number]
             valid_T = None if padding_mask is None else ~padding_mask.reshape(-1)
             stats.add_load(routing_map_TE, valid_T)
+            if self.context.sample_routing is not None:
+                self.context.sample_routing.record(self.layer_number, routing_map_TE, valid_T,
+                                                   hidden_states.shape[1])
             if self._fold:
                 stats.add_saved_bytes(self.main_dispatcher.would_send_bytes(
                     routing_map_TE, hidden_states.shape[-1], hidden_states.element_size(),

@@ -99,6 +99,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
         use_fused_adam(run.optimizer)  # the loaded param_groups carry the saving run's flags
         start = resumed.step
         run.sample_offset = resumed.consumed_samples - start * cfg.train.global_batch_size
+        run.restore_extra(resumed.common, env.rank == 0)
         logger.note(f"resumed from {cfg.checkpoint.load} at step {start} ({resumed.path.name}, "
                     f"{resumed.consumed_samples} samples consumed)")
     started = time.perf_counter()
@@ -155,7 +156,7 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
         if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
             path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
                                    run.scheduler, consumed_samples=run.consumed_samples(done),
-                                   background=saves)
+                                   background=saves, extra=run.checkpoint_extra())
             if saves is None:
                 logger.note(f"saved checkpoint {path}")
         if signalled:

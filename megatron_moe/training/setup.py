@@ -49,8 +49,10 @@ class Run:
 
     def batches(self, samples: PackedSamples, step: int, shuffle: bool) -> list[MicroBatch]:
         t = self.cfg.train
+        curriculum = self.context.sample_routing if shuffle else None
         indices = global_batch_indices(samples, step, t.global_batch_size, t.seed, shuffle,
-                                       self.sample_offset if shuffle else 0)
+                                       self.sample_offset if shuffle else 0,
+                                       curriculum.order if curriculum is not None else None)
         return micro_batches(samples, indices, parallel_state.get_data_parallel_rank(),
                              parallel_state.get_data_parallel_world_size(), t.micro_batch_size,
                              compute_device(), self.trim_multiple)
@@ -58,6 +60,15 @@ class Run:
     def consumed_samples(self, step: int) -> int:
         """Training sequences consumed after ``step`` optimizer steps (the data position)."""
         return step * self.cfg.train.global_batch_size + self.sample_offset
+
+    def checkpoint_extra(self) -> dict:
+        """Run state beyond megatron's that a checkpoint carries (collective: every rank calls)."""
+        curriculum = self.context.sample_routing
+        return {"curriculum": curriculum.state()} if curriculum is not None else {}
+
+    def restore_extra(self, common: dict, is_first_rank: bool) -> None:
+        if self.context.sample_routing is not None and "curriculum" in common:
+            self.context.sample_routing.restore(common["curriculum"], is_first_rank)
 
     @property
     def trim_multiple(self) -> int:
@@ -129,6 +140,8 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
          f"(stage {parallel_state.get_pipeline_model_parallel_rank()}), "
          f"{len(train_samples) if train_samples else 0} train / {len(valid_samples)} valid sequences")
     method = routing_method(cfg)
+    if training:
+        context.sample_routing = method.curriculum(cfg, train_samples, compute_device())
     run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples, context, method,
               make_forward_step(context, method.loss_function(cfg), tconfig.sequence_parallel))
     # 4. optimizer and schedule

@@ -64,6 +64,8 @@ def make_forward_step(context: RoutingContext, method_loss=None, sequence_parall
     def forward_step(data_iterator, model):
         batch: MicroBatch = next(data_iterator)
         context.next_microbatch()
+        if context.sample_routing is not None:  # whose rows the MoE layers are routing
+            context.sample_routing.sample_ids_B = batch.sample_ids_B if model.training else None
         if method_loss is not None and model.training:
             padding = stage_padding_mask(_twice(batch.padding_BS), sequence_parallel)
             logits_2BSV = model(_twice(batch.tokens_BS), _twice(batch.position_ids_BS),
