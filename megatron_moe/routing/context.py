@@ -45,8 +45,8 @@ class LayerStats:
         routed_TE = routing_map_TE if valid_T is None else routing_map_TE & valid_T[:, None]
         counts_E = routed_TE.sum(dim=0, dtype=torch.float64)
         per_token_T = routed_TE.sum(dim=1)
-        tokens = (torch.tensor(float(routing_map_TE.shape[0]), dtype=torch.float64,
-                               device=routing_map_TE.device)
+        tokens = (torch.full((), float(routing_map_TE.shape[0]), dtype=torch.float64,
+                             device=routing_map_TE.device)  # a fill, not a host-to-device copy
                   if valid_T is None else valid_T.sum(dtype=torch.float64))
         self.tokens_per_expert = _add(self.tokens_per_expert, counts_E)
         self.tokens = _add(self.tokens, tokens)
@@ -55,8 +55,9 @@ class LayerStats:
 
     def add_saved_bytes(self, nbytes, device) -> None:
         """``nbytes``: a device tensor (from a routing map) or a host number (from shapes)."""
-        self.ep_bytes_saved = _add(self.ep_bytes_saved,
-                                   torch.as_tensor(nbytes, dtype=torch.float64, device=device))
+        if not torch.is_tensor(nbytes):
+            nbytes = torch.full((), float(nbytes), dtype=torch.float64, device=device)
+        self.ep_bytes_saved = _add(self.ep_bytes_saved, nbytes.to(torch.float64))
 
 
 def _add(total: Optional[torch.Tensor], value: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class RoutingMethod:
     summary: str = ""  # one line for --help and the README table
     has_gate = True  # a learned gate whose choice gating dropout can override
     duplicates_batch = False  # THOR trains on [x; x]
+    slimmable = False  # one checkpoint evaluates at any k (context.eval_topk): SMoE-Dropout
     log_fields: tuple = ()  # (key, format) pairs this method adds to the log line
 
     # -- build ---------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class SMoEDropoutMethod(RoutingMethod):
     summary = ("SMoE-Dropout: frozen random router, top-k with k growing from k_min to k_max; "
                "moe.eval_topk evaluates one checkpoint at any k")
     has_gate = False
+    slimmable = True
     log_fields = (("k", "d"),)
 
     def megatron_topk(self, moe) -> int:

@@ -1,0 +1,114 @@
+"""Tier: multi-rank gloo (1 process, spawned CLI). SMoE-Dropout's ``moe.eval_topk`` reaches every
+evaluation path of one translation checkpoint: `evaluate` at k = 1, 2, 4, 8 gives four different
+losses (and BLEU scores that are not all equal), `translate` at k = 1 and k = 8 gives different
+translations, and tools/smoe_k_sweep.py writes a CSV (k = 1..8, with BLEU/chrF) that matches
+`evaluate` at the same k, and a PNG. A router that ignored eval_topk would make all of them equal.
+
+The checkpoint memorises 48 short pairs (its train, valid and test data): on the bundled sample a
+60-step model decodes only whitespace at every k (BLEU = chrF = 0), which could not tell k apart.
+"""
+
+import csv
+import lzma
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_moe.data.corpus import default_path
+from megatron_moe.data.preprocess import preprocess
+from tests.conftest import DEBUG_CONFIG, REPO, check, cli, last_json
+
+EXPERTS = 8
+LANGS = ("de", "es", "fr", "it", "pt_BR", "sv")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(overrides that load the checkpoint, the pairs file): 8 short pairs per language."""
+    root = tmp_path_factory.mktemp("smoe_mt")
+    kept, lines = dict.fromkeys(LANGS, 0), []
+    with lzma.open(default_path("test"), "rt", encoding="utf-8") as f:
+        for line in f:
+            lang, _, tgt = line.rstrip("\n").split("\t")
+            if lang in kept and kept[lang] < 8 and len(tgt) <= 40:
+                kept[lang] += 1
+                lines.append(line)
+    pairs = root / "pairs.tsv"
+    pairs.write_text("".join(lines), encoding="utf-8")
+    preprocess({"train": str(pairs), "valid": str(pairs), "test": str(pairs)}, str(root / "data"),
+               vocab_size=400)
+    overrides = ["data.format=translation", f"data.dir={root / 'data'}", "model.seq_length=64",
+                 "data.max_new_tokens=12", "moe.router=smoe_dropout",
+                 f"moe.num_experts={EXPERTS}", f"data.test_path={pairs}"]
+    check(cli("train", *overrides, "train.steps=60", f"checkpoint.save={root / 'ckpt'}"))
+    return overrides + [f"checkpoint.load={root / 'ckpt'}"], pairs
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    overrides, _ = trained
+    return {k: last_json(check(cli("evaluate", *overrides, f"moe.eval_topk={k}")))
+            for k in (1, 2, 4, EXPERTS)}
+
+
+@pytest.mark.multirank
+def test_evaluate_depends_on_eval_topk(evaluated):
+    losses = [result["loss"] for result in evaluated.values()]
+    assert len(set(losses)) == 4, losses
+    assert len({str(sorted(result.items())) for result in evaluated.values()}) == 4
+    bleus = [result["bleu"] for result in evaluated.values()]
+    assert len(set(bleus)) > 1 and max(bleus) > 0, bleus
+    assert evaluated[EXPERTS]["loss"] < evaluated[1]["loss"]  # trained up to k = E
+
+
+@pytest.mark.multirank
+def test_translate_depends_on_eval_topk(trained, tmp_path):
+    overrides, pairs = trained
+    sources = tmp_path / "src.tsv"
+    sources.write_text("".join("\t".join(line.split("\t")[:2]) + "\n"
+                               for line in pairs.read_text(encoding="utf-8").splitlines()[::4]),
+                       encoding="utf-8")
+    out = {k: check(_run("-m", "megatron_moe", "translate", *_sets(overrides), "--set",
+                         f"moe.eval_topk={k}", "--input", str(sources))).stdout.splitlines()
+           for k in (1, EXPERTS)}
+    assert len(out[1]) == len(out[EXPERTS]) == 12
+    assert out[1] != out[EXPERTS]
+    assert any(line.strip() for line in out[EXPERTS])
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    """``python ARGS --config DEBUG_CONFIG`` from the repo root, environment as in ``cli``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, *args, "--config", DEBUG_CONFIG], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.multirank
+def test_sweep_writes_csv_and_png_matching_evaluate(trained, evaluated, tmp_path):
+    overrides, _ = trained
+    sweep = ("tools/smoe_k_sweep.py", *_sets(overrides))
+    proc = check(_run(*sweep, "--csv", str(tmp_path / "k.csv"), "--png", str(tmp_path / "k.png")))
+    assert proc.stderr.count("[sweep] k=") == EXPERTS
+    with open(tmp_path / "k.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["k", "loss", "bleu", "chrf"]
+    assert [int(row["k"]) for row in rows] == list(range(1, EXPERTS + 1))
+    assert all(row["bleu"] and row["chrf"] for row in rows)
+    assert len({row["loss"] for row in rows}) > EXPERTS // 2
+    for k, result in evaluated.items():  # the sweep at k is `evaluate --set moe.eval_topk=k`
+        row = rows[k - 1]
+        assert float(row["loss"]) == pytest.approx(result["loss"], rel=1e-9)
+        assert (float(row["bleu"]), float(row["chrf"])) == (result["bleu"], result["chrf"])
+    png = (tmp_path / "k.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1024
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    bad = _run(*sweep, "--set", "moe.router=topk")
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: the sweep needs")
