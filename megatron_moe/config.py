@@ -1,6 +1,8 @@
 """Typed, nested run configuration: YAML file + ``--set section.key=value`` overrides, validated up front.
 
-Every field has a docstring-style comment. :func:`load_config` reads a YAML file, applies overrides,
+Every field has a docstring-style comment. Configs are frozen dataclasses: once loaded and
+validated nothing changes them; run-time knobs (SMoE-Dropout's k, the gating-dropout rate a
+benchmark sweeps) live in the routing context (:mod:`megatron_moe.routing.context`). :func:`load_config` reads a YAML file, applies overrides,
 rejects unknown keys and wrong types, and :func:`validate` checks every cross-field constraint
 against the world size *before* any process group exists (:mod:`megatron_moe.validation`). User errors raise :class:`ConfigError`
 (a ``ValueError``) whose message names the field paths and their values.
@@ -23,7 +25,7 @@ class ConfigError(ValueError):
     """A user error in the configuration; the message names the field(s) and value(s)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     num_layers: int = 4  # transformer layers (split evenly over pipeline stages)
     hidden_size: int = 64  # model width
@@ -41,20 +43,20 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (divisible by TP)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GatingDropoutConfig:
     p: float = 0.0  # probability that an MoE layer-call ignores the gate's choice of rank
     mode: str = "gate_drop"  # gate_drop (serve locally) | gate_expert_drop (skip routed experts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ThorConfig:
     alpha: float = 1.0  # weight of the consistency (symmetric KL) loss
     granularity: str = "batch"  # one random expert per layer for each copy: batch | sequence | token
     inference: str = "random_sequence"  # random_sequence | random_token | ensemble
 
 
-@dataclass
+@dataclass(frozen=True)
 class SMoEDropoutConfig:
     k_min: int = 2  # active experts at step 0 (the authors' default)
     k_max: Optional[int] = None  # active experts at the end of the schedule (None = num_experts)
@@ -64,14 +66,14 @@ class SMoEDropoutConfig:
     init_std: float = 0.02  # std of the frozen random router
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdaptiveConfig:
     threshold: float = 0.1  # a token uses two experts when q1 - q2 <= threshold
     inference: str = "adaptive"  # adaptive (the training rule) | top1 (the paper's evaluation)
     curriculum: bool = False  # order each epoch by similarity of per-layer two-expert fractions
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 4  # experts per MoE layer
     topk: int = 2  # experts per token
@@ -88,7 +90,7 @@ class MoEConfig:
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
@@ -99,7 +101,7 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False  # overlap DDP gradient reduction with backward
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 50  # optimizer steps
     seed: int = 1234  # seeds weights, data order and every generator
@@ -121,7 +123,7 @@ class TrainConfig:
     bleu_pairs: int = 200
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     format: str = "text"  # text: byte LM on *_path | translation, lm: preprocessed data.dir
     train_path: Optional[str] = None  # TSV (lang<TAB>src<TAB>tgt) or .txt; None = bundled sample
@@ -143,7 +145,7 @@ class DataConfig:
     length_penalty: float = 1.0  # beam search: score = log-prob / length ** this (fairseq's lenpen)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     save: Optional[str] = None  # directory to save to (None = no saving)
     load: Optional[str] = None  # directory to load from (None = fresh start)
@@ -153,14 +155,14 @@ class CheckpointConfig:
     async_save: bool = False  # write the saves in a background process while training goes on
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoggingConfig:
     interval: int = 10  # steps between log lines
     tensorboard_dir: Optional[str] = None  # write TensorBoard events here when set
     metrics_file: Optional[str] = None  # append every step's metrics here as JSON lines
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

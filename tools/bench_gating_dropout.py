@@ -37,8 +37,9 @@ def main(argv=None) -> None:
     ap.add_argument("--p", type=float, nargs="+", default=[0.0, 0.3, 0.5])
     ap.add_argument("--steps", type=int, default=20, help="measured steps per p")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, DEFAULTS + args.overrides)
-    cfg.train.steps = (args.steps + 1) * len(args.p)
+    steps = (args.steps + 1) * len(args.p)
+    cfg = load_config(args.config, DEFAULTS + args.overrides + [
+        f"train.steps={steps}", f"moe.gating_dropout.p={max(args.p)}"])
     env = launch_env()
     validate(cfg, env.world_size)
     from megatron_moe.training.loop import interval_values, train_step
@@ -49,8 +50,8 @@ def main(argv=None) -> None:
     step = 0
     for round_ in range(args.steps + 1):
         for p in args.p:
-            cfg.moe.gating_dropout.p = p
-            values = train_step(run, step)
+            with run.context.overriding(drop_p=p):  # the config stays as validated
+                values = train_step(run, step)
             values.update(interval_values(run, 1, values.pop("microbatches"))[0])  # this step's
             step += 1
             if round_ > 0:  # round 0 warms up every configuration

@@ -64,7 +64,8 @@ class RoutingMethod:
 
     # -- run time ------------------------------------------------------------------------------
     def prepare_context(self, cfg, context) -> None:
-        """Set the context's evaluation knobs once, after the model is built."""
+        """Set the context's run-time knobs from the config, once, when the model is built."""
+        context.drop_p = cfg.moe.gating_dropout.p
 
     def start_step(self, cfg, context, step: int) -> None:
         """Per-step hook, called before the step's forward passes."""

@@ -58,14 +58,14 @@ class RoutedMoELayer(MoELayer):
         # a draw of the context's CPU generator: a host value on every device, no sync
         u = float(torch.rand((), generator=self.context.generator(self.layer_number,
                                                                  "gating_dropout")))
-        dropped = u < self.moe_cfg.gating_dropout.p
+        dropped = u < self.context.drop_p
         stats = self.context.stats[self.layer_number]
         stats.calls += 1
         stats.dropped += int(dropped)
         return dropped
 
     def _drop_decision(self) -> bool:
-        if not self.training or self.moe_cfg.gating_dropout.p <= 0.0:
+        if not self.training or self.context.drop_p <= 0.0:
             return False
         return self.replay.draw(self.training, self._draw_drop)
 

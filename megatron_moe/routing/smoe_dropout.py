@@ -64,6 +64,7 @@ class SMoEDropoutMethod(RoutingMethod):
         return 0.0
 
     def prepare_context(self, cfg, context) -> None:
+        super().prepare_context(cfg, context)
         context.eval_topk = eval_topk(cfg.moe)
 
     def start_step(self, cfg, context, step: int) -> None:
