@@ -1,4 +1,4 @@
-"""Tier: unit (one training process per run, real ``kill -9``).
+"""Tier: integration (one training process per run, real ``kill -9``).
 
 A run killed with SIGKILL mid-training resumes from its last checkpoint and reproduces the
 uninterrupted run's losses bit for bit; a run killed while it is saving (three points of the save
@@ -6,19 +6,17 @@ protocol, and the background save) leaves the previous checkpoint selected and l
 next save removes the debris. A background save (``checkpoint.async_save``) whose writer is slowed
 down holds the state of the step it was started at."""
 
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megatron_moe.checkpointing import iteration_dir, resolve
 from megatron_moe.checkpointing.safety import check_files
-from tests.conftest import DEBUG_CONFIG, REPO, check, cli, read_metrics
+from tests.conftest import (check, cli, cli_args, kill_session, launch, megatron_moe_cmd,
+                            read_metrics)
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+pytestmark = pytest.mark.integration
 
 
 def _losses(path) -> dict[int, float]:
@@ -45,17 +43,14 @@ def reference(tmp_path_factory):
 @cpu_bit_exact
 def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path, reference):
     ckpt, killed = tmp_path / "ckpt", tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "megatron_moe", "train", "--config", DEBUG_CONFIG]
-    for item in [*COMMON, f"checkpoint.save={ckpt}", f"logging.metrics_file={killed}"]:
-        cmd += ["--set", item]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = launch(megatron_moe_cmd(*cli_args("train", *COMMON, f"checkpoint.save={ckpt}",
+                                             f"logging.metrics_file={killed}")), background=True)
     for line in proc.stdout:
         if line.startswith("step      6/"):  # after the step-4 save, before the step-8 one
             proc.send_signal(signal.SIGKILL)
             break
     assert proc.wait(timeout=120) == -signal.SIGKILL
-    _kill_orphans(proc)
+    kill_session(proc)  # e.g. megatron's checkpoint writer's manager process
     assert resolve(str(ckpt)) == iteration_dir(ckpt, 4)
     resumed = tmp_path / "resumed.jsonl"
     out = check(cli("train", *COMMON, f"checkpoint.load={ckpt}",
@@ -64,16 +59,6 @@ def test_kill_9_mid_training_then_resume_is_bit_exact(tmp_path, reference):
     want, got = reference, _losses(resumed)
     assert sorted(got) == list(range(5, 11))
     assert [got[s] for s in got] == [want[s] for s in got]  # bit for bit
-
-
-def _kill_orphans(proc) -> None:
-    """megatron's checkpoint writer keeps a multiprocessing manager process; a SIGKILLed parent
-    leaves it behind (holding the pipe), as any orphan: end the session's leftovers."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.stdout.close()
 
 
 KILLER = r"""
@@ -121,10 +106,8 @@ sys.exit(main(sys.argv[3:]))
 
 def _hooked(point: str, step: int, *overrides: str) -> list[str]:
     """The command running the CLI's ``train`` under the hook ``point`` (see KILLER)."""
-    cmd = [sys.executable, "-c", KILLER, point, str(step), "train", "--config", DEBUG_CONFIG]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
+    return megatron_moe_cmd(*cli_args("train", *overrides), hook=KILLER,
+                            hook_args=(point, str(step)))
 
 
 @pytest.mark.parametrize("point,async_save", [("manifest", False), ("tracker", False),
@@ -133,10 +116,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, point, async_s
     ckpt = tmp_path / "ckpt"
     cmd = _hooked(point, 6, "train.steps=6", "checkpoint.interval=3", f"checkpoint.save={ckpt}",
                   f"checkpoint.async_save={str(async_save).lower()}")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = launch(cmd, background=True)
     assert proc.wait(timeout=300) == -signal.SIGKILL
-    _kill_orphans(proc)
+    kill_session(proc)  # e.g. megatron's checkpoint writer's manager process
     assert (ckpt / "latest").read_text().strip() == "3"
     debris = ckpt / (".iter_0000006.partial" if point != "tracker" else "iter_0000006")
     assert debris.is_dir()  # the killed save left something behind ...
@@ -155,9 +137,9 @@ def test_background_save_holds_the_step_it_was_started_at(tmp_path, reference):
     from iter_0000004 still reproduces the uninterrupted run bit for bit, and the saves do not
     change the training losses."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "async.jsonl"
-    proc = subprocess.run(_hooked("slow_writer", 0, *COMMON, f"checkpoint.save={ckpt}",
-                                  "checkpoint.async_save=true", f"logging.metrics_file={metrics}"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = launch(_hooked("slow_writer", 0, *COMMON, f"checkpoint.save={ckpt}",
+                          "checkpoint.async_save=true", f"logging.metrics_file={metrics}"),
+                  timeout=300)
     check(proc)
     assert _losses(metrics) == reference
     lines = proc.stdout.splitlines()

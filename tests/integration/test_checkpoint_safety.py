@@ -1,4 +1,5 @@
-"""Tier: unit (one process). Damaged, foreign and malicious checkpoints get a clear error naming
+"""Tier: integration (one training process for the checkpoint, then checks in this one and
+``evaluate`` runs of the CLI). Damaged, foreign and malicious checkpoints get a clear error naming
 the file and the mismatch, before anything is deserialised; pickled payloads never run. Also:
 ``checkpoint.keep_last`` keeps the newest N checkpoints."""
 
@@ -14,6 +15,8 @@ from megatron_moe.checkpointing import CheckpointError, iteration_dir
 from megatron_moe.checkpointing.safety import check_files, read_index
 from megatron_moe.checkpointing.store import checkpoint_files, file_digest, write_manifest
 from tests.conftest import check, cli
+
+pytestmark = pytest.mark.integration
 
 
 class Payload:

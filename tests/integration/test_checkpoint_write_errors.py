@@ -1,8 +1,8 @@
-"""Tier: unit (one process). Saves that cannot be written: a save directory that cannot be created
-fails before the first step, and a write that fails part-way (disk full, simulated inside
-megatron's file writer, synchronous and in its forked background writer) ends the run with a
-one-line error naming the directory, its partial files removed and the previous checkpoint still
-the one ``latest`` names."""
+"""Tier: integration (one training process per run, the real CLI). Saves that cannot be written:
+a save directory that cannot be created fails before the first step, and a write that fails
+part-way (disk full, simulated inside megatron's file writer, synchronous and in its forked
+background writer) ends the run with a one-line error naming the directory, its partial files
+removed and the previous checkpoint still the one ``latest`` names."""
 
 import json
 import textwrap
@@ -10,7 +10,9 @@ import textwrap
 import pytest
 
 from megatron_moe.checkpointing import TRACKER, iteration_dir
-from tests.conftest import DEBUG_CONFIG, check, cli, run_python
+from tests.conftest import check, cli, cli_args, run_python
+
+pytestmark = pytest.mark.integration
 
 
 def test_unwritable_save_directory_fails_before_training(tmp_path):
@@ -42,9 +44,8 @@ _DISK_FULL = """
 
 def _train_with(patch: str, root, *overrides: str) -> dict:
     """Train 4 steps saving at 2 and 4 in a fresh interpreter with ``patch`` applied first."""
-    args = ["train", "--config", DEBUG_CONFIG, "train.steps=4", "checkpoint.interval=2",
-            f"checkpoint.save={root}", *overrides]
-    argv = args[:3] + [x for item in args[3:] for x in ("--set", item)]
+    argv = cli_args("train", "train.steps=4", "checkpoint.interval=2", f"checkpoint.save={root}",
+                    *overrides)
     out = run_python(f"""
         import contextlib, errno, io, json
         from pathlib import Path

@@ -1,4 +1,5 @@
-"""Tier: unit. The CPU runtime layer: inert when CUDA is available, and what it changes on CPU.
+"""Tier: integration (a fresh interpreter per check). The CPU runtime layer: inert when CUDA is
+available, and what it changes on CPU.
 
 Each check runs in a fresh interpreter because the layer patches process-wide state.
 """
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import run_python
+
+pytestmark = pytest.mark.integration
 
 
 def test_inert_when_cuda_is_available():

@@ -1,26 +1,21 @@
-"""Tier: unit (one training process). SIGUSR1 / SIGTERM during training: the run finishes its step,
-saves, says so and exits 0; resuming from that checkpoint continues at the next step."""
+"""Tier: integration (one training process). SIGUSR1 / SIGTERM during training: the run finishes its
+step, saves, says so and exits 0; resuming from that checkpoint continues at the next step."""
 
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import DEBUG_CONFIG, REPO, check, cli
+from tests.conftest import check, cli, cli_args, launch, megatron_moe_cmd
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM])  # SIGUSR1: tests/slurm (time-limit signal)
 def test_signal_saves_and_stops_then_resume_continues(tmp_path, sig):
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "megatron_moe", "train", "--config", DEBUG_CONFIG,
-           "--set", "train.steps=100000", "--set", "logging.interval=1",
-           "--set", f"checkpoint.save={ckpt}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = launch(megatron_moe_cmd(*cli_args("train", "train.steps=100000", "logging.interval=1",
+                                             f"checkpoint.save={ckpt}")), background=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -1,8 +1,13 @@
-"""Tier: unit (one CPU process, the real CLI). Training learns, logs every field, writes TensorBoard."""
+"""Tier: integration (one CPU process, the real CLI). Training learns, logs every field, writes
+TensorBoard."""
 
 import re
 
+import pytest
+
 from tests.conftest import check, cli, read_metrics
+
+pytestmark = pytest.mark.integration
 
 
 def test_loss_falls_over_50_steps(tmp_path):

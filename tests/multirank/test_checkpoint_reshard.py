@@ -11,13 +11,12 @@ rank with one clear error instead of a hang."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from megatron_moe.checkpointing import iteration_dir
-from tests.conftest import DEBUG_CONFIG, REPO, check, cli, read_metrics
+from tests.conftest import (check, cli, cli_args, kill_session, launch, megatron_moe_cmd,
+                            read_metrics)
 
 COMMON = ["train.steps=8", "logging.interval=1", "parallel.distributed_optimizer=true"]
 
@@ -66,19 +65,14 @@ def test_kill_9_on_four_ranks_then_resume_matches(tmp_path):
     reference = tmp_path / "reference.jsonl"
     check(cli("train", *common, f"logging.metrics_file={reference}", nproc=4))
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           "-m", "megatron_moe", "train", "--config", DEBUG_CONFIG]
-    for item in [*common, f"checkpoint.save={ckpt}"]:
-        cmd += ["--set", item]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = launch(megatron_moe_cmd(*cli_args("train", *common, f"checkpoint.save={ckpt}"),
+                                   nproc=4), background=True)
     for line in proc.stdout:
         if line.startswith("step      5/"):  # after the step-3 save
             os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, at once
             break
     proc.wait(timeout=120)
-    proc.stdout.close()
+    kill_session(proc)
     assert (ckpt / "latest").read_text().strip() == "3"
     resumed = tmp_path / "resumed.jsonl"
     check(cli("train", *common, f"checkpoint.load={ckpt}", f"logging.metrics_file={resumed}",

@@ -8,14 +8,12 @@ SMoE-Dropout exports at a chosen k; bad sources fail with a clear message and le
 """
 
 import json
-import os
-import sys
 import subprocess
 
 import pytest
 import torch
 
-from tests.conftest import REPO, check, cli, last_json
+from tests.conftest import check, cli, last_json, launch, megatron_moe_cmd
 from tests.multirank._dist import launch_env, spawn
 
 transformers = pytest.importorskip("transformers")
@@ -23,9 +21,7 @@ pytestmark = pytest.mark.multirank
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "megatron_moe", "convert", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return launch(megatron_moe_cmd("convert", *args))
 
 
 def _hf_logits(directory, tokens):

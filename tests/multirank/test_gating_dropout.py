@@ -5,6 +5,9 @@
   gate_expert_drop: the routed-expert contribution is exactly zero; eval never drops.
 - p = 0.3 on 4 ranks: identical decisions on every rank, the expected rate, and activation
   recomputation replays the decisions (outputs and gradients equal a run without recompute).
+
+The p = 0 and p = 1 tests run their cases (dispatchers, modes) one after another in one spawn of
+2 ranks each, megatron's groups rebuilt for each case.
 """
 
 import pytest
@@ -23,7 +26,20 @@ def _forward_backward(layer, x, grad_seed):
     return out.detach(), x.grad, grads
 
 
-def _p0_worker(rank, world, dispatcher):
+def _cases_in_turn(rank, world, case_fn, cases):
+    """``case_fn(rank, world, *case)`` for every case in these ranks, megatron's groups rebuilt
+    for each (one spawn instead of one per case); a failure names its case."""
+    from megatron.core import parallel_state
+
+    for case in cases:
+        try:
+            case_fn(rank, world, *case)
+        except AssertionError as e:
+            raise AssertionError(f"case {case}: {e}") from e
+        parallel_state.destroy_model_parallel()
+
+
+def _p0_case(rank, world, dispatcher):
     cfg = init(rank, world, ["parallel.ep=2", f"moe.dispatcher={dispatcher}"])
     ours, _ = build_moe_layer(cfg)
     plain, _ = build_moe_layer(cfg, megatron_plain=True)
@@ -38,9 +54,9 @@ def _p0_worker(rank, world, dispatcher):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-def test_p0_is_bitwise_megatron_topk(dispatcher):
-    spawn(_p0_worker, 2, dispatcher)
+def test_p0_is_bitwise_megatron_topk():
+    """Both dispatchers (alltoall, allgather), one after another in the same two ranks."""
+    spawn(_cases_in_turn, 2, _p0_case, [("alltoall",), ("allgather",)])
 
 
 def _hand_fold_reference(layer, x_SBH, ep_rank):
@@ -60,7 +76,7 @@ def _hand_fold_reference(layer, x_SBH, ep_rank):
     return ref.view_as(x_SBH)
 
 
-def _p1_worker(rank, world, dispatcher, mode):
+def _p1_case(rank, world, dispatcher, mode):
     cfg = init(rank, world, ["parallel.ep=2", f"moe.dispatcher={dispatcher}",
                              "moe.gating_dropout.p=1.0", f"moe.gating_dropout.mode={mode}"])
     layer, ctx = build_moe_layer(cfg)
@@ -95,10 +111,11 @@ def _p1_worker(rank, world, dispatcher, mode):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
-@pytest.mark.parametrize("mode", ["gate_drop", "gate_expert_drop"])
-def test_p1_serves_locally_without_collectives(dispatcher, mode):
-    spawn(_p1_worker, 2, dispatcher, mode)
+def test_p1_serves_locally_without_collectives():
+    """Both modes under both dispatchers, the four cases one after another in the same two ranks."""
+    cases = [(dispatcher, mode) for mode in ("gate_drop", "gate_expert_drop")
+             for dispatcher in ("alltoall", "allgather")]
+    spawn(_cases_in_turn, 2, _p1_case, cases)
 
 
 def _rate_worker(rank, world):

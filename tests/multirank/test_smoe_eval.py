@@ -10,15 +10,14 @@ The checkpoint memorises 48 short pairs (its train, valid and test data): on the
 
 import csv
 import lzma
-import os
-import subprocess
 import sys
 
 import pytest
 
 from megatron_moe.data.corpus import default_path
 from megatron_moe.data.preprocess import preprocess
-from tests.conftest import DEBUG_CONFIG, REPO, check, cli, last_json
+from tests.conftest import (DEBUG_CONFIG, check, cli, cli_args, last_json, launch,
+                            megatron_moe_cmd)
 
 EXPERTS = 8
 LANGS = ("de", "es", "fr", "it", "pt_BR", "sv")
@@ -70,31 +69,24 @@ def test_translate_depends_on_eval_topk(trained, tmp_path):
     sources.write_text("".join("\t".join(line.split("\t")[:2]) + "\n"
                                for line in pairs.read_text(encoding="utf-8").splitlines()[::4]),
                        encoding="utf-8")
-    out = {k: check(_run("-m", "megatron_moe", "translate", *_sets(overrides), "--set",
-                         f"moe.eval_topk={k}", "--input", str(sources))).stdout.splitlines()
+    out = {k: check(launch(megatron_moe_cmd(*cli_args("translate", *overrides,
+                                                      f"moe.eval_topk={k}"),
+                                             "--input", str(sources)))).stdout.splitlines()
            for k in (1, EXPERTS)}
     assert len(out[1]) == len(out[EXPERTS]) == 12
     assert out[1] != out[EXPERTS]
     assert any(line.strip() for line in out[EXPERTS])
 
 
-def _sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    """``python ARGS --config DEBUG_CONFIG`` from the repo root, environment as in ``cli``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, *args, "--config", DEBUG_CONFIG], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+def _run(*args: str):
+    """``python ARGS --config DEBUG_CONFIG`` (a tool script) through the shared launcher."""
+    return launch([sys.executable, *args, "--config", DEBUG_CONFIG])
 
 
 @pytest.mark.multirank
 def test_sweep_writes_csv_and_png_matching_evaluate(trained, evaluated, tmp_path):
     overrides, _ = trained
-    sweep = ("tools/smoe_k_sweep.py", *_sets(overrides))
+    sweep = ("tools/smoe_k_sweep.py", *[a for o in overrides for a in ("--set", o)])
     proc = check(_run(*sweep, "--csv", str(tmp_path / "k.csv"), "--png", str(tmp_path / "k.png")))
     assert proc.stderr.count("[sweep] k=") == EXPERTS
     with open(tmp_path / "k.csv", newline="") as f:
@@ -109,6 +101,6 @@ def test_sweep_writes_csv_and_png_matching_evaluate(trained, evaluated, tmp_path
         assert (float(row["bleu"]), float(row["chrf"])) == (result["bleu"], result["chrf"])
     png = (tmp_path / "k.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1024
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     bad = _run(*sweep, "--set", "moe.router=topk")
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith("error: the sweep needs")

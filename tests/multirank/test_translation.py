@@ -1,79 +1,96 @@
 """Tier: multi-rank gloo (1-2 processes). Translation end to end on a small trained checkpoint:
 KV-cache greedy decoding and beam search equal decoding without the cache token for token (single
-rank, EP=2 and TP=2), and the evaluate / translate commands produce BLEU tables, JSON and translations."""
+rank, and EP=2 then TP=2 in the same two ranks, megatron's groups rebuilt between them), and the
+evaluate / translate commands produce BLEU tables, JSON and translations."""
 
 import json
-import subprocess
-import sys
+import lzma
+from collections import defaultdict
 
 import pytest
 
 from megatron_moe.data.corpus import default_path
 from megatron_moe.data.preprocess import preprocess
-from tests.conftest import REPO, check, cli
-from tests.multirank._dist import launch_env, spawn
+from tests.conftest import check, cli
+from tests.multirank._dist import configs_in_turn, launch_env, spawn
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """60 steps on every 10th pair of the bundled training sample (3,000 pairs, all ten languages;
+    SentencePiece trained on them), validation and test sets whole."""
     root = tmp_path_factory.mktemp("mt")
     data, ckpt = root / "data", root / "ckpt"
-    preprocess({"train": default_path("train"), "valid": default_path("valid"),
-                "test": default_path("test")}, str(data), vocab_size=2000, workers=2)
+    with lzma.open(default_path("train"), "rt", encoding="utf-8") as f:
+        lines = [line for i, line in enumerate(f) if i % 10 == 0]
+    (root / "train.tsv").write_text("".join(lines), encoding="utf-8")
+    preprocess({"train": str(root / "train.tsv"), "valid": default_path("valid"),
+                "test": default_path("test")}, str(data), vocab_size=2000, workers=1)
     overrides = ["data.format=translation", f"data.dir={data}", "model.seq_length=64",
                  "data.max_new_tokens=12"]
     check(cli("train", *overrides, "train.steps=60", f"checkpoint.save={ckpt}"))
     return overrides + [f"checkpoint.load={ckpt}"], data
 
 
-def _cache_worker(rank, world, overrides):
+def _prompts(samples) -> list[list[int]]:
+    """16 validation prompts, four of each of four lengths (decoding batches prompts of one
+    length): a short, the median, a long and the longest length that four prompts share."""
+    by_length = defaultdict(list)
+    for i in range(len(samples)):
+        prompt = samples.pair(i)[0].tolist()
+        by_length[len(prompt)].append(prompt)
+    lengths = sorted(n for n, group in by_length.items() if len(group) >= 4)
+    picked = [lengths[int(q * (len(lengths) - 1))] for q in (0.1, 0.5, 0.9, 1.0)]
+    assert len(set(picked)) == 4 and picked[-1] > 40, picked
+    return [prompt for n in picked for prompt in by_length[n][:4]]
+
+
+def _cache_worker(rank, world, override_lists):
+    """The checks below for each override list in turn (megatron's groups rebuilt for each)."""
     import torch
 
     from megatron_moe.checkpointing import load_checkpoint
-    from megatron_moe.config import load_config
     from megatron_moe.decoding import Limits, decode
     from megatron_moe.decoding.beam import beam_decode_batch
     from megatron_moe.training.setup import setup_run
-    from tests.conftest import DEBUG_CONFIG
 
-    cfg = load_config(DEBUG_CONFIG, overrides)
     env = launch_env(rank, world)
-    run = setup_run(cfg, env, training=False, inference=True)
-    load_checkpoint(cfg.checkpoint.load, cfg, run.model)
-    prompts = [run.valid_samples.pair(i)[0].tolist() for i in range(0, 400, 25)]
-    cached = decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=True)
-    full = decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=False)
-    assert cached == full
-    assert sum(len(x) for x in cached) > 16  # it generated something
-    limits = Limits(max_new_tokens=12, max_length_ratio=0.3, no_repeat_ngram=2)
-    limited = decode(run.model, prompts, 3, 2000, limits, use_cache=True)
-    assert limited == decode(run.model, prompts, 3, 2000, limits, use_cache=False)
-    for prompt, out in zip(prompts, limited):
-        assert len(out) <= limits.new_tokens(len(prompt))
-        bigrams = list(zip(out, out[1:]))
-        assert len(bigrams) == len(set(bigrams)), out
-    # beam search: the cache is expanded and reordered between steps
-    beam = decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=True)
-    assert beam == decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=False)
-    assert beam != limited  # four beams find other hypotheses than greedy for some prompts
-    one = [beam_decode_batch(run.model, torch.tensor([p]), 3, 2000, limits, beam_size=1)[0]
-           for p in prompts]
-    assert one == limited  # one beam is greedy
+    for cfg in configs_in_turn(world, override_lists):
+        run = setup_run(cfg, env, training=False, inference=True)
+        load_checkpoint(cfg.checkpoint.load, cfg, run.model)
+        prompts = _prompts(run.valid_samples)
+        cached = decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=True)
+        full = decode(run.model, prompts, 3, 2000, Limits(max_new_tokens=12), use_cache=False)
+        assert cached == full
+        assert sum(len(x) for x in cached) > 16  # it generated something
+        limits = Limits(max_new_tokens=12, max_length_ratio=0.3, no_repeat_ngram=2)
+        limited = decode(run.model, prompts, 3, 2000, limits, use_cache=True)
+        assert limited == decode(run.model, prompts, 3, 2000, limits, use_cache=False)
+        for prompt, out in zip(prompts, limited):
+            assert len(out) <= limits.new_tokens(len(prompt))
+            bigrams = list(zip(out, out[1:]))
+            assert len(bigrams) == len(set(bigrams)), out
+        # beam search: the cache is expanded and reordered between steps
+        beam = decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=True)
+        assert beam == decode(run.model, prompts, 3, 2000, limits, beam_size=4, use_cache=False)
+        assert beam != limited  # four beams find other hypotheses than greedy for some prompts
+        one = [out for start in range(0, len(prompts), 4)  # one batch per length
+               for out in beam_decode_batch(run.model, torch.tensor(prompts[start:start + 4]), 3,
+                                            2000, limits, beam_size=1)]
+        assert one == limited  # one beam is greedy
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout, world", [([], 1), (["parallel.ep=2"], 2),
-                                           (["parallel.tp=2"], 2)])
-def test_decoding_with_cache_equals_without(trained, layout, world):
+@pytest.mark.parametrize("world, layouts", [(1, [[]]), (2, [["parallel.ep=2"], ["parallel.tp=2"]])],
+                         ids=["single", "ep2_then_tp2"])
+def test_decoding_with_cache_equals_without(trained, world, layouts):
     overrides, _ = trained
-    spawn(_cache_worker, world, overrides + layout)
+    spawn(_cache_worker, world, [overrides + layout for layout in layouts])
 
 
 @pytest.mark.multirank
 def test_evaluate_prints_bleu_table_and_json(trained, tmp_path):
     overrides, _ = trained
-    import lzma
-
     with lzma.open(default_path("test"), "rt", encoding="utf-8") as src:
         lines = [line for i, line in enumerate(src) if i % 25 == 0]
     (tmp_path / "t.tsv").write_text("".join(lines), encoding="utf-8")
@@ -89,14 +106,10 @@ def test_evaluate_prints_bleu_table_and_json(trained, tmp_path):
 @pytest.mark.multirank
 def test_translate_reads_stdin_and_rejects_pipeline_parallel(trained):
     overrides, _ = trained
-    args = [sys.executable, "-m", "megatron_moe", "translate", "--config",
-            "examples/configs/debug.yaml"] + [a for o in overrides for a in ("--set", o)]
-    proc = subprocess.run(args, input="de\tOpen file\nfr\tSave as\n", cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("translate", *overrides, input="de\tOpen file\nfr\tSave as\n", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.splitlines()) == 2
-    bad = subprocess.run(args, input="xx\tOpen file\n", cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    bad = cli("translate", *overrides, input="xx\tOpen file\n", timeout=300)
     assert bad.returncode == 2 and "unknown language tag 'xx'" in bad.stderr
     pp = cli("translate", *overrides, "parallel.pp=2", nproc=2)
     assert pp.returncode != 0 and "parallel.pp > 1 is not supported" in pp.stderr

@@ -1,13 +1,11 @@
-"""Tier: unit. The typed config: YAML + overrides, unknown keys, types, and up-front validation."""
-
-import subprocess
-import sys
+"""Tier: unit. The typed config: YAML + overrides, unknown keys, types, and up-front validation
+(the CLI's one-line errors for a bad config: tests/integration/test_cli.py)."""
 
 import pytest
 
 from megatron_moe.config import ConfigError, load_config
 from megatron_moe.validation import validate
-from tests.conftest import DEBUG_CONFIG, REPO, cli
+from tests.conftest import DEBUG_CONFIG
 
 
 def test_yaml_and_overrides_are_typed():
@@ -73,26 +71,6 @@ def test_debug_config_is_valid_for_every_tested_layout():
         validate(cfg, world)
 
 
-def test_cli_bad_config_fails_before_training_with_one_line_and_exit_2():
-    proc = cli("train", "moe.num_experts=6", "parallel.ep=4")
-    assert proc.returncode == 2
-    err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(err) == 1, proc.stderr
-    assert "moe.num_experts (6)" in err[0] and "parallel.ep (4)" in err[0]
-    assert "step" not in proc.stdout
-
-
-def test_cli_missing_config_file():
-    proc = cli("train", config="/nonexistent.yaml")
-    assert proc.returncode == 2 and "config file /nonexistent.yaml does not exist" in proc.stderr
-
-
-def test_cli_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "megatron_moe", "--help"], cwd=REPO,
-                         capture_output=True, text=True)
-    assert out.returncode == 0 and "train" in out.stdout and "evaluate" in out.stdout
-
-
 def test_gate_drop_at_ep1_is_a_warning_naming_both_fields():
     from megatron_moe.validation import warnings_for
 
@@ -120,3 +98,13 @@ def test_no_router_name_comparison_outside_routing():
             if re.search(r"router\s*(==|!=|in\s*\()", line):
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_config_is_frozen_after_loading():
+    import dataclasses
+
+    cfg = load_config(DEBUG_CONFIG, [])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.moe.gating_dropout.p = 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train = None

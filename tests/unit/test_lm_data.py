@@ -1,28 +1,13 @@
-"""Tier: unit (one CPU process; the training check runs the CLI once). Language-model pretraining
-data: plain text / JSONL -> SentencePiece -> indexed datasets -> megatron's GPTDataset, bad lines
-reported with file and line, and a short training run on it."""
-
-import json
+"""Tier: unit (one CPU process). Language-model pretraining data: plain text / JSONL ->
+SentencePiece -> indexed datasets -> megatron's GPTDataset, and bad lines reported with file and
+line (the ``lm_data`` fixture is in tests/conftest.py; a short training run on it:
+tests/integration/test_lm_training.py)."""
 
 import numpy as np
 import pytest
 
-from megatron_moe.data.corpus import DataError, default_path
+from megatron_moe.data.corpus import DataError
 from megatron_moe.data.lm_text import GPTSamples, preprocess_lm
-from megatron_moe.data.pairs import read_pairs
-from tests.conftest import check, cli
-
-
-@pytest.fixture(scope="module")
-def lm_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    pairs = read_pairs(default_path("train"))
-    texts = [p.tgt for p in pairs[:6000]]
-    (root / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    (root / "valid.txt").write_text("\n".join(p.src for p in pairs[6000:6400]) + "\n")
-    meta = preprocess_lm({"train": str(root / "train.jsonl"), "valid": str(root / "valid.txt")},
-                         str(root / "data"), vocab_size=1500)
-    return root, meta, texts
 
 
 def test_documents_round_trip_and_load_in_indexed_dataset(lm_data):
@@ -63,12 +48,3 @@ def test_bad_jsonl_line_is_reported(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a JSON object with text"):
         preprocess_lm({"train": str(tmp_path / "bad.jsonl")}, str(tmp_path / "out"), 100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
-
-
-def test_training_on_lm_data(lm_data):
-    root, _, _ = lm_data
-    proc = check(cli("train", "data.format=lm", f"data.dir={root / 'data'}", "train.steps=4",
-                     "logging.interval=1", timeout=300))
-    losses = [float(line.split("| loss ")[1].split()[0]) for line in proc.stdout.splitlines()
-              if line.startswith("step ")]
-    assert len(losses) == 4 and all(np.isfinite(losses))
