@@ -139,8 +139,8 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
         last = done == cfg.train.steps or out_of_time or signalled
         log_step = done % cfg.logging.interval == 0 or last or done == start + 1
         if log_step:  # the interval's device statistics are read here, and only here
-            interval, per_layer = interval_values(run, pending_steps, pending_microbatches)
-            values.update(interval)
+            interval_stats, per_layer = interval_values(run, pending_steps, pending_microbatches)
+            values.update(interval_stats)
             logger.log_layers(done, per_layer)
             pending_steps = pending_microbatches = 0
         logger.record_step(done, values)
