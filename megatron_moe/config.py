@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A user error in the configuration; the message names the field(s) and value(s)."""
 
 
+def check_choice(path: str, value, choices) -> None:
+    """ConfigError naming ``path`` unless ``value`` is one of ``choices`` (listed in their order)."""
+    if value not in choices:
+        raise ConfigError(f"{path} ({value!r}) must be one of: {', '.join(choices)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     num_layers: int = 4  # transformer layers (split evenly over pipeline stages)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 
-from megatron_moe.config import Config, ConfigError, data_parallel_size, moe_layer_pattern
+from megatron_moe.config import (Config, ConfigError, check_choice, data_parallel_size,
+                                 moe_layer_pattern)
 
 
 def _choice(path: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{path} ({value!r}) must be one of: {', '.join(sorted(choices))}")
+    check_choice(path, value, sorted(choices))
 
 
 def _positive(cfg: Config, *paths: str) -> None:
@@ -103,7 +103,7 @@ def validate(cfg: Config, world_size: int) -> None:
 def _validate_routing(cfg: Config) -> None:
     """Gating dropout (composes with the gated methods), then the method's own checks."""
     from megatron_moe.routing.moe_layer import GATING_DROPOUT_MODES
-    from megatron_moe.routing.registry import routing_method
+    from megatron_moe.routing.registry import METHODS, routing_method
 
     moe, gd = cfg.moe, cfg.moe.gating_dropout
     if not 0.0 <= gd.p <= 1.0:
@@ -115,6 +115,8 @@ def _validate_routing(cfg: Config) -> None:
     if moe.eval_topk is not None and not 1 <= moe.eval_topk <= moe.num_experts:
         raise ConfigError(f"moe.eval_topk ({moe.eval_topk}) must be in [1, moe.num_experts "
                           f"({moe.num_experts})]")
+    for method in METHODS.values():  # a typo in any method's section is an error
+        method.check_settings(cfg)
     routing_method(cfg).check(cfg)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,18 +28,8 @@ from megatron_moe.cli import _user_errors  # noqa: E402
 from megatron_moe.config import ConfigError, load_config  # noqa: E402
 from megatron_moe.routing.registry import routing_method  # noqa: E402
 from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed  # noqa: E402
+from megatron_moe.staging import staged_file  # noqa: E402
 from megatron_moe.validation import validate  # noqa: E402
-
-
-def _atomic(path: str, write) -> None:
-    """``write(tmp)`` a temporary file next to ``path``, then rename it over ``path``."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_csv(path: Path, rows) -> None:
@@ -130,7 +119,8 @@ def _sweep(cfg, env, args) -> int:
             print(f"{k:>3} {loss:>8.4f} {math.exp(loss):>9.2f} {loss / full:>7.3f} {scores}")
         for path, write in ((args.csv, _write_csv), (args.png, _plot)):
             if path:
-                _atomic(path, lambda tmp: write(tmp, rows))
+                with staged_file(path) as tmp:
+                    write(tmp, rows)
     return 0
 
 

@@ -20,6 +20,8 @@ import re
 import shutil
 from pathlib import Path
 
+from megatron_moe.staging import staged_file
+
 TRACKER = "latest"
 MANIFEST = "manifest.json"
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -124,14 +126,5 @@ def prune(root: str | Path, keep_last: int) -> list[Path]:
 
 def _write_durably(path: Path, text: str) -> None:
     """Write ``path`` through a temporary file, fsync, rename: readers see old or new, whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with staged_file(path, durable=True) as tmp:
+        tmp.write_text(text)

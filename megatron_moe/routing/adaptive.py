@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_moe.config import ConfigError
+from megatron_moe.config import ConfigError, check_choice
 from megatron_moe.routing.method import RoutingMethod
 from megatron_moe.routing.topk import TopKRouter
 
@@ -79,21 +79,20 @@ class AdaptiveMethod(RoutingMethod):
     router = AdaptiveRouter
     summary = "adaptive gating: one expert for confident tokens, two when q1 - q2 <= threshold"
     log_fields = (("two_expert_frac", ".3f"),)
+    pairs_vary = True
+    mixtral_mismatch = "adaptive gating uses one or two experts per token"
 
-    def pairs_vary(self) -> bool:
-        return True
+    def check_settings(self, cfg) -> None:
+        adaptive = cfg.moe.adaptive
+        if not 0.0 <= adaptive.threshold <= 1.0:
+            raise ConfigError(f"moe.adaptive.threshold ({adaptive.threshold}) must be in [0, 1]")
+        check_choice("moe.adaptive.inference", adaptive.inference, INFERENCE)
 
     def check(self, cfg) -> None:
         super().check(cfg)
-        moe = cfg.moe
-        if moe.topk != 2:
-            raise ConfigError(f"moe.topk ({moe.topk}) must be 2 with moe.router adaptive "
+        if cfg.moe.topk != 2:
+            raise ConfigError(f"moe.topk ({cfg.moe.topk}) must be 2 with moe.router adaptive "
                               f"(one or two experts per token)")
-        if not 0.0 <= moe.adaptive.threshold <= 1.0:
-            raise ConfigError(f"moe.adaptive.threshold ({moe.adaptive.threshold}) must be in [0, 1]")
-        if moe.adaptive.inference not in INFERENCE:
-            raise ConfigError(f"moe.adaptive.inference ({moe.adaptive.inference!r}) must be one "
-                              f"of: {', '.join(INFERENCE)}")
 
     def curriculum(self, cfg, samples, device):
         if not cfg.moe.adaptive.curriculum:
@@ -105,14 +104,3 @@ class AdaptiveMethod(RoutingMethod):
 
     def observables(self, totals: dict) -> dict:
         return {"two_expert_frac": totals["two_expert_tokens"] / max(totals["tokens"], 1.0)}
-
-    def export_topk(self, cfg, topk, fallback: bool) -> int:
-        from megatron_moe.convert.mixtral import ConversionError
-
-        if not fallback:
-            raise ConversionError(
-                "moe.router 'adaptive' cannot be expressed by Mixtral (adaptive gating uses one "
-                "or two experts per token). Pass --fallback-topk K to export its router weights "
-                "as a plain top-K softmax router, knowing that the exported model then routes "
-                "differently from the trained one")
-        return topk or cfg.moe.topk

@@ -40,18 +40,20 @@ class LayerStats:
     two_expert_tokens: Optional[torch.Tensor] = None  # [] tokens that used two experts
     ep_bytes_saved: Optional[torch.Tensor] = None  # [] bytes the dropped calls would have sent
 
-    def add_load(self, routing_map_TE: torch.Tensor, valid_T: Optional[torch.Tensor]) -> None:
-        """Count the routed (token, expert) pairs of the non-padding tokens, on device."""
+    def add_load(self, routing_map_TE: torch.Tensor,
+                 valid_T: Optional[torch.Tensor]) -> torch.Tensor:
+        """Count the routed (token, expert) pairs of the non-padding tokens, on device; return
+        which tokens [T] (non-padding) used two experts."""
         routed_TE = routing_map_TE if valid_T is None else routing_map_TE & valid_T[:, None]
         counts_E = routed_TE.sum(dim=0, dtype=torch.float64)
-        per_token_T = routed_TE.sum(dim=1)
+        two_T = routed_TE.sum(dim=1) == 2
         tokens = (torch.full((), float(routing_map_TE.shape[0]), dtype=torch.float64,
                              device=routing_map_TE.device)  # a fill, not a host-to-device copy
                   if valid_T is None else valid_T.sum(dtype=torch.float64))
         self.tokens_per_expert = _add(self.tokens_per_expert, counts_E)
         self.tokens = _add(self.tokens, tokens)
-        self.two_expert_tokens = _add(self.two_expert_tokens,
-                                      (per_token_T == 2).sum(dtype=torch.float64))
+        self.two_expert_tokens = _add(self.two_expert_tokens, two_T.sum(dtype=torch.float64))
+        return two_T
 
     def add_saved_bytes(self, nbytes, device) -> None:
         """``nbytes``: a device tensor (from a routing map) or a host number (from shapes)."""

@@ -55,13 +55,13 @@ class SampleRouting:
         self.orders: dict[int, np.ndarray] = {}
         self.sample_ids_B = None  # set by the forward step for the micro-batch being computed
 
-    def record(self, layer_number: int, routing_map_TE, valid_T, B: int) -> None:
-        """Add one layer-call's per-sequence counts (tokens in [S, B] order) on device."""
+    def record(self, layer_number: int, two_T, valid_T, B: int) -> None:
+        """Add one layer-call's per-sequence counts on device: ``two_T`` marks the non-padding
+        tokens (in [S, B] order) that used two experts, ``valid_T`` the non-padding ones."""
         if self.sample_ids_B is None:
             return
-        two_T = routing_map_TE.sum(dim=1) == 2
         valid = torch.ones_like(two_T) if valid_T is None else valid_T
-        two_B = (two_T & valid).view(-1, B).sum(dim=0, dtype=torch.float32)
+        two_B = two_T.view(-1, B).sum(dim=0, dtype=torch.float32)
         tokens_B = valid.view(-1, B).sum(dim=0, dtype=torch.float32)
         self.two_NL[:, layer_number - 1].index_add_(0, self.sample_ids_B, two_B)
         self.tokens_NL[:, layer_number - 1].index_add_(0, self.sample_ids_B, tokens_B)

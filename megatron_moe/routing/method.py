@@ -7,7 +7,8 @@ it changes:
 
 - ``router``: the class given to megatron's ``MoESubmodules.router`` (:meth:`router_builder`);
 - :meth:`megatron_settings`: megatron's top-k, pre-softmax and load-balancing fields for it;
-- :meth:`check`: its config sub-section (``ConfigError`` naming the field);
+- :meth:`check_settings` / :meth:`check`: its config sub-section, checked whichever method runs,
+  and what it needs of the rest of the config when it runs (``ConfigError`` naming the field);
 - :meth:`start_step` / :meth:`prepare_context`: per-step and evaluation knobs in the context;
 - :meth:`pairs_per_token`: (token, expert) pairs per token when fixed, so the dispatcher sizes its
   buffers without reading the routing map's count on the host;
@@ -28,7 +29,10 @@ class RoutingMethod:
     name: str = ""
     router: type = None  # set by each method module
     summary: str = ""  # one line for --help and the README table
-    has_gate = True  # a learned gate whose choice gating dropout can override
+    has_gate = True  # a learned gate: gating dropout can override it, a balancing loss trains it
+    pairs_vary = False  # experts per token vary from token to token (adaptive: 1 or 2)
+    dropless_only = False  # moe.capacity_factor cannot apply
+    mixtral_mismatch = ""  # why a Mixtral export cannot express the routing ("" = it can)
     duplicates_batch = False  # THOR trains on [x; x]
     slimmable = False  # one checkpoint evaluates at any k (context.eval_topk): SMoE-Dropout
     log_fields: tuple = ()  # (key, format) pairs this method adds to the log line
@@ -43,7 +47,8 @@ class RoutingMethod:
         return moe.topk
 
     def aux_loss_coeff(self, moe) -> float:
-        return moe.aux_loss_coeff
+        """The load-balancing loss trains a learned gate; methods without one have none."""
+        return moe.aux_loss_coeff if self.has_gate else 0.0
 
     def megatron_settings(self, moe) -> dict:
         """megatron's TransformerConfig fields for this method's routing."""
@@ -53,12 +58,16 @@ class RoutingMethod:
                     moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
                     moe_aux_loss_coeff=coeff)
 
+    def check_settings(self, cfg) -> None:
+        """ConfigError for a bad value in this method's own config sub-section (checked whichever
+        method is chosen, so a typo never waits for the day the method is switched on)."""
+
     def check(self, cfg) -> None:
-        """Raise ConfigError for a bad value in this method's own settings."""
+        """ConfigError for what this method, when chosen, needs of the rest of the config."""
         if cfg.moe.gating_dropout.p > 0 and not self.has_gate:
             raise ConfigError(f"moe.gating_dropout.p ({cfg.moe.gating_dropout.p}) applies to a "
                               f"learned gate; moe.router {self.name!r} has none")
-        if cfg.moe.capacity_factor is not None and self.pairs_vary():
+        if cfg.moe.capacity_factor is not None and (self.dropless_only or self.pairs_vary):
             raise ConfigError(f"moe.capacity_factor ({cfg.moe.capacity_factor}) is not supported "
                               f"with moe.router {self.name!r} (dropless only)")
 
@@ -70,13 +79,9 @@ class RoutingMethod:
     def start_step(self, cfg, context, step: int) -> None:
         """Per-step hook, called before the step's forward passes."""
 
-    def pairs_vary(self) -> bool:
-        """Whether the number of experts per token varies from token to token."""
-        return False
-
     def pairs_per_token(self, moe, context, training: bool):
         """Experts per token when every token uses the same number, else None."""
-        return None if self.pairs_vary() else self.megatron_topk(moe)
+        return None if self.pairs_vary else self.megatron_topk(moe)
 
     def loss_function(self, cfg):
         """A THOR-style loss on the duplicated batch, or None for the plain LM loss."""
@@ -101,6 +106,14 @@ class RoutingMethod:
         from megatron_moe.convert.mixtral import ConversionError
 
         k = topk or cfg.moe.topk
+        if self.mixtral_mismatch:
+            if not fallback:
+                raise ConversionError(
+                    f"moe.router '{self.name}' cannot be expressed by Mixtral "
+                    f"({self.mixtral_mismatch}). Pass --fallback-topk K to export its router "
+                    f"weights as a plain top-K softmax router, knowing that the exported model "
+                    f"then routes differently from the trained one")
+            return k
         if topk is not None and topk != cfg.moe.topk and not fallback:
             raise ConversionError(f"--topk {topk} differs from moe.topk ({cfg.moe.topk}); only "
                                   f"SMoE-Dropout models are meant to run at another k")

@@ -96,6 +96,10 @@ class RoutedMoELayer(MoELayer):
         mask_SB = None if padding_mask is None else padding_mask.transpose(0, 1).bool()
         with torch.no_grad():
             probs_TE, routing_map_TE = self.router(hidden_states, mask_SB)
+        self._add_saved_bytes(routing_map_TE, probs_TE, hidden_states)
+
+    def _add_saved_bytes(self, routing_map_TE, probs_TE, hidden_states) -> None:
+        """What the main dispatcher would have sent for this routing (a dropped call)."""
         self.context.stats[self.layer_number].add_saved_bytes(
             self.main_dispatcher.would_send_bytes(routing_map_TE, hidden_states.shape[-1],
                                                   hidden_states.element_size(),
@@ -120,14 +124,12 @@ class RoutedMoELayer(MoELayer):
         if self._first_pass():
             stats = self.context.stats[self.layer_number]
             valid_T = None if padding_mask is None else ~padding_mask.reshape(-1)
-            stats.add_load(routing_map_TE, valid_T)
+            two_T = stats.add_load(routing_map_TE, valid_T)
             if self.context.sample_routing is not None:
-                self.context.sample_routing.record(self.layer_number, routing_map_TE, valid_T,
+                self.context.sample_routing.record(self.layer_number, two_T, valid_T,
                                                    hidden_states.shape[1])
             if self._fold:
-                stats.add_saved_bytes(self.main_dispatcher.would_send_bytes(
-                    routing_map_TE, hidden_states.shape[-1], hidden_states.element_size(),
-                    probs_TE.element_size()), routing_map_TE.device)
+                self._add_saved_bytes(routing_map_TE, probs_TE, hidden_states)
         if self._fold:
             probs_TE, routing_map_TE = fold_to_local(probs_TE, routing_map_TE,
                                                      self.num_local_experts)

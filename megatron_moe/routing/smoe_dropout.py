@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_moe.config import ConfigError
+from megatron_moe.config import ConfigError, check_choice
 from megatron_moe.routing.method import RoutingMethod
 from megatron_moe.routing.schedules import K_SCHEDULES, eval_topk, scheduled_topk
 from megatron_moe.routing.topk import TopKRouter
@@ -54,14 +54,12 @@ class SMoEDropoutMethod(RoutingMethod):
     summary = ("SMoE-Dropout: frozen random router, top-k with k growing from k_min to k_max; "
                "moe.eval_topk evaluates one checkpoint at any k")
     has_gate = False
+    dropless_only = True
     slimmable = True
     log_fields = (("k", "d"),)
 
     def megatron_topk(self, moe) -> int:
         return moe.smoe_dropout.k_max or moe.num_experts
-
-    def aux_loss_coeff(self, moe) -> float:
-        return 0.0
 
     def prepare_context(self, cfg, context) -> None:
         super().prepare_context(cfg, context)
@@ -74,16 +72,9 @@ class SMoEDropoutMethod(RoutingMethod):
         k = context.topk if training else context.eval_topk
         return k or self.megatron_topk(moe)
 
-    def check(self, cfg) -> None:
-        super().check(cfg)
+    def check_settings(self, cfg) -> None:
         moe, sd = cfg.moe, cfg.moe.smoe_dropout
-        if sd.schedule not in K_SCHEDULES:
-            raise ConfigError(f"moe.smoe_dropout.schedule ({sd.schedule!r}) must be one of: "
-                              f"{', '.join(K_SCHEDULES)}")
-        k_max = sd.k_max or moe.num_experts
-        if not 1 <= sd.k_min <= k_max <= moe.num_experts:
-            raise ConfigError(f"moe.smoe_dropout.k_min ({sd.k_min}) and k_max ({sd.k_max}) must "
-                              f"satisfy 1 <= k_min <= k_max <= moe.num_experts ({moe.num_experts})")
+        check_choice("moe.smoe_dropout.schedule", sd.schedule, K_SCHEDULES)
         if sd.schedule_steps is not None and sd.schedule_steps < 1:
             raise ConfigError(f"moe.smoe_dropout.schedule_steps ({sd.schedule_steps}) must be >= 1")
         if sd.schedule == "multistep":
@@ -94,9 +85,16 @@ class SMoEDropoutMethod(RoutingMethod):
                 raise ConfigError(f"moe.smoe_dropout.milestones ({sd.milestones}) must be a "
                                   f"non-empty list of [step, k] with ascending steps and "
                                   f"1 <= k <= num_experts")
-        if moe.capacity_factor is not None:
-            raise ConfigError(f"moe.capacity_factor ({moe.capacity_factor}) does not apply to "
-                              f"moe.router smoe_dropout (dropless)")
+
+    def check(self, cfg) -> None:
+        """k's range against the expert count: checked when the method runs (k_min's default 2
+        would refuse a one-expert model of another method)."""
+        super().check(cfg)
+        moe, sd = cfg.moe, cfg.moe.smoe_dropout
+        k_max = sd.k_max or moe.num_experts
+        if not 1 <= sd.k_min <= k_max <= moe.num_experts:
+            raise ConfigError(f"moe.smoe_dropout.k_min ({sd.k_min}) and k_max ({sd.k_max}) must "
+                              f"satisfy 1 <= k_min <= k_max <= moe.num_experts ({moe.num_experts})")
 
     def step_values(self, context) -> dict:
         return {"k": context.topk}

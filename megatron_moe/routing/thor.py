@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_moe.config import ConfigError
+from megatron_moe.config import ConfigError, check_choice
 from megatron_moe.routing.context import ReplayQueue
 from megatron_moe.routing.method import RoutingMethod
 from megatron_moe.routing.topk import TopKRouter
@@ -72,34 +72,25 @@ class ThorMethod(RoutingMethod):
     summary = ("THOR: each micro-batch trained as [x; x], the copies to random experts; loss "
                "CE(a) + CE(b) + alpha * symmetric KL (vocab-parallel under TP)")
     has_gate = False
+    dropless_only = True  # no capacity
+    mixtral_mismatch = "THOR picks random experts"
     duplicates_batch = True
     log_fields = (("consistency_loss", ".4f"),)
 
     def megatron_topk(self, moe) -> int:
         return 1  # one expert per token (ensemble inference routes through the map, not top-k)
 
-    def aux_loss_coeff(self, moe) -> float:
-        return 0.0
-
     def pairs_per_token(self, moe, context, training: bool):
         if not training and moe.thor.inference == "ensemble":
             return moe.num_experts
         return 1
 
-    def check(self, cfg) -> None:
-        super().check(cfg)
+    def check_settings(self, cfg) -> None:
         thor = cfg.moe.thor
-        if thor.granularity not in GRANULARITIES:
-            raise ConfigError(f"moe.thor.granularity ({thor.granularity!r}) must be one of: "
-                              f"{', '.join(GRANULARITIES)}")
-        if thor.inference not in INFERENCE:
-            raise ConfigError(f"moe.thor.inference ({thor.inference!r}) must be one of: "
-                              f"{', '.join(INFERENCE)}")
+        check_choice("moe.thor.granularity", thor.granularity, GRANULARITIES)
+        check_choice("moe.thor.inference", thor.inference, INFERENCE)
         if thor.alpha < 0:
             raise ConfigError(f"moe.thor.alpha ({thor.alpha}) must be >= 0")
-        if cfg.moe.capacity_factor is not None:
-            raise ConfigError(f"moe.capacity_factor ({cfg.moe.capacity_factor}) does not apply to "
-                              f"moe.router thor (no capacity)")
 
     def loss_function(self, cfg):
         from functools import partial
@@ -107,13 +98,3 @@ class ThorMethod(RoutingMethod):
         from megatron_moe.routing.thor_loss import thor_loss
 
         return partial(thor_loss, alpha=cfg.moe.thor.alpha)
-
-    def export_topk(self, cfg, topk, fallback: bool) -> int:
-        from megatron_moe.convert.mixtral import ConversionError
-
-        if not fallback:
-            raise ConversionError(
-                "moe.router 'thor' cannot be expressed by Mixtral (THOR picks random experts). "
-                "Pass --fallback-topk K to export its (untrained) router weights as a plain "
-                "top-K softmax router, knowing that the exported model then routes differently")
-        return topk or cfg.moe.topk

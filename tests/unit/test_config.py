@@ -56,6 +56,9 @@ def test_bad_keys_and_types(override, message):
     (["moe.router=smoe_dropout", "moe.smoe_dropout.schedule=step"], 1,
      r"moe\.smoe_dropout\.schedule \('step'\) must be one of: linear, cosine, exp, multistep"),
     (["moe.router=adaptive", "moe.capacity_factor=1.0"], 1, r"moe\.capacity_factor \(1\.0\)"),
+    (["moe.thor.granularity=layer"], 1,  # another method's section: checked all the same
+     r"moe\.thor\.granularity \('layer'\) must be one of: batch, sequence, token"),
+    (["moe.router=thor", "moe.capacity_factor=1.0"], 1, r"moe\.capacity_factor \(1\.0\)"),
 ])
 def test_validation_names_fields_and_values(overrides, world, message):
     cfg = load_config(DEBUG_CONFIG, overrides)
