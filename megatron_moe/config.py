@@ -47,6 +47,7 @@ class ModelConfig:
     recompute: str = "none"  # activation recomputation: none | full | selective
     vocab_size: Optional[int] = None  # None = the tokenizer's size; padded for TP either way
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (divisible by TP)
+    dropout: float = 0.0  # dropout on hidden states and attention probabilities (training only)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # final learning rate
     warmup_steps: int = 5  # linear warm-up steps
+    label_smoothing: float = 0.0  # training loss: target keeps 1 - this, the rest is spread
+    #                               evenly over the real vocabulary (logged losses are plain CE)
     lr_decay: str = "cosine"  # constant | linear | cosine
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -124,7 +127,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     eval_interval: int = 0  # validation every N steps (0 = only at the end)
     eval_iters: int = 2  # global batches per validation
-    time_budget_minutes: Optional[float] = None  # stop (and save) once training took this long
+    time_budget_minutes: Optional[float] = None  # training time of the run (over resumes)
+    budget_schedule: str = "fit"  # fit: time the first steps, end LR/k schedules at the budget
+    #                                (train.steps is then a maximum) | stop: stop where it is
+    budget_timing_steps: int = 20  # fit: steps timed (after 5 warm-up steps) to size the run
     bleu_interval: int = 0  # translation: BLEU on the first bleu_pairs valid pairs every N steps
     bleu_pairs: int = 200
 

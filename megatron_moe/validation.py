@@ -43,17 +43,21 @@ def validate(cfg: Config, world_size: int) -> None:
               "model.num_attention_heads", "model.num_query_groups", "model.seq_length",
               "moe.num_experts", "moe.topk", "parallel.tp", "parallel.pp", "parallel.ep",
               "parallel.etp", "train.steps", "train.micro_batch_size", "train.global_batch_size",
-              "train.eval_iters", "logging.interval", "model.make_vocab_size_divisible_by")
+              "train.eval_iters", "train.budget_timing_steps", "logging.interval", "model.make_vocab_size_divisible_by")
     _choice("moe.router", moe.router, METHODS)
     _choice("moe.dispatcher", moe.dispatcher, DISPATCHERS)
     _choice("model.recompute", m.recompute, ("none", "full", "selective"))
     _choice("train.lr_decay", t.lr_decay, ("constant", "linear", "cosine"))
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    _choice("train.budget_schedule", t.budget_schedule, ("fit", "stop"))
     _choice("data.tokenizer", cfg.data.tokenizer, TOKENIZERS)
     _choice("data.format", cfg.data.format, ("text", "translation", "lm"))
     if cfg.data.format in ("translation", "lm") and not cfg.data.dir:
         raise ConfigError(f"data.format ({cfg.data.format}) needs data.dir, a directory written "
                           f"by python -m megatron_moe preprocess")
+    for path, value in (("model.dropout", m.dropout), ("train.label_smoothing", t.label_smoothing)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{path} ({value}) must be in [0, 1)")
     if cfg.data.bucket_window < 0:
         raise ConfigError(f"data.bucket_window ({cfg.data.bucket_window}) must be >= 0")
     if cfg.data.max_new_tokens < 1:

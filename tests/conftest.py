@@ -107,8 +107,10 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(lines[-1])
 
 
-def read_metrics(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+def read_metrics(path, validation: bool = False) -> list[dict]:
+    """The training-step rows of a metrics file (``validation``: its validation rows)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [r for r in rows if ("valid_loss" in r) == validation]
 
 
 @pytest.fixture(scope="session")

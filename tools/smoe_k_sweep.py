@@ -7,7 +7,7 @@
         --set checkpoint.load=runs/mt --csv k.csv --png k.png --bleu-pairs 200
     torchrun --nproc_per_node 2 tools/smoe_k_sweep.py ... --set parallel.ep=2
 
-Builds the model once, loads the checkpoint and, for k = 1 .. E (the routing context's
+Builds the model once, loads the checkpoint and, for k = 1 .. E or the --k given (the routing context's
 ``eval_topk``; the config is not changed), evaluates the validation loss and, with
 ``data.format=translation``, BLEU and chrF on the first --bleu-pairs test pairs (default all, 0
 skips them). Prints a table (k, loss, perplexity, loss relative to k = E, BLEU, chrF); --csv writes
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--csv", help="write k,loss,bleu,chrf to this CSV file")
     ap.add_argument("--png", help="plot the metrics against k into this PNG file")
+    ap.add_argument("--k", type=int, nargs="+", metavar="K",
+                    help="the k to evaluate (default: every k from 1 to moe.num_experts)")
     ap.add_argument("--bleu-pairs", type=int, metavar="N",
                     help="BLEU/chrF on the first N test pairs (default: all; 0: skip)")
     args = ap.parse_args(argv)
@@ -77,6 +79,10 @@ def main(argv=None) -> int:
         if not routing_method(cfg).slimmable or not cfg.checkpoint.load:
             raise ConfigError(f"the sweep needs a method evaluated at any k (moe.router="
                               f"smoe_dropout, not {cfg.moe.router!r}) and checkpoint.load=DIR")
+        bad = [k for k in args.k or [] if not 1 <= k <= cfg.moe.num_experts]
+        if bad:
+            raise ConfigError(f"--k {bad[0]} must be in 1..moe.num_experts "
+                              f"({cfg.moe.num_experts})")
         if args.bleu_pairs is not None and args.bleu_pairs < 0:
             raise ConfigError(f"--bleu-pairs ({args.bleu_pairs}) must be >= 0")
     except ConfigError as e:
@@ -103,7 +109,7 @@ def _sweep(cfg, env, args) -> int:
     translator = Translator(run) if translation and args.bleu_pairs != 0 else None
     pairs = translator.test_pairs(args.bleu_pairs) if translator else None
     rows = []
-    for k in range(1, cfg.moe.num_experts + 1):
+    for k in sorted(set(args.k or range(1, cfg.moe.num_experts + 1))):
         with run.context.overriding(eval_topk=k):
             loss = validation_loss(run)
             scores = translator.bleu(pairs) if translator else {}
@@ -113,7 +119,8 @@ def _sweep(cfg, env, args) -> int:
             print(f"[sweep] k={k}: loss {loss:.4f}{extra}", file=sys.stderr, flush=True)
     if is_main_rank():
         full = rows[-1][1]
-        print(f"{'k':>3} {'loss':>8} {'ppl':>9} {'vs k=E':>7} {'BLEU':>6} {'chrF':>6}")
+        print(f"{'k':>3} {'loss':>8} {'ppl':>9} {'vs k=' + str(rows[-1][0]):>7} {'BLEU':>6} "
+              f"{'chrF':>6}")
         for k, loss, bleu, chrf in rows:
             scores = f"{bleu:>6.2f} {chrf:>6.2f}" if translator else f"{'-':>6} {'-':>6}"
             print(f"{k:>3} {loss:>8.4f} {math.exp(loss):>9.2f} {loss / full:>7.3f} {scores}")

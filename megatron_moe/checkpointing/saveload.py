@@ -244,6 +244,9 @@ def load_checkpoint(root: str, cfg: Config, model, optimizer=None, scheduler=Non
         if "optimizer" in state:
             optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "scheduler" in common:
+        if common.get("budget", {}).get("fitted"):  # sized to the budget (training/budget.py)
+            scheduler.lr_decay_steps = common["scheduler"]["lr_decay_steps"]
+            scheduler.wd_incr_steps = common["scheduler"]["wd_incr_steps"]
         scheduler.load_state_dict(common["scheduler"])
     if restore_rng:
         rng.restore(loaded[rng.KEY])

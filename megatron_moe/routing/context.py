@@ -100,6 +100,7 @@ class RoutingContext:
     topk: Optional[int] = None  # SMoE-Dropout: experts per token in training (set every step)
     eval_topk: Optional[int] = None  # SMoE-Dropout: experts per token in evaluation
     sample_routing: Optional[object] = None  # adaptive curriculum: per-sample routing tables
+    total_steps: Optional[int] = None  # the schedules' length (train.steps or budget-fitted)
     drop_p: float = 0.0  # gating dropout's probability (moe.gating_dropout.p; a benchmark sweeps it)
     stats: dict = field(default_factory=lambda: defaultdict(LayerStats))  # layer number -> stats
 

@@ -83,8 +83,9 @@ class RoutingMethod:
         """Experts per token when every token uses the same number, else None."""
         return None if self.pairs_vary else self.megatron_topk(moe)
 
-    def loss_function(self, cfg):
-        """A THOR-style loss on the duplicated batch, or None for the plain LM loss."""
+    def loss_function(self, cfg, vocab_size: int):
+        """A THOR-style loss on the duplicated batch, or None for the plain LM loss
+        (``vocab_size``: the real vocabulary, for label smoothing)."""
         return None
 
     def curriculum(self, cfg, samples, device):

@@ -66,7 +66,7 @@ class SMoEDropoutMethod(RoutingMethod):
         context.eval_topk = eval_topk(cfg.moe)
 
     def start_step(self, cfg, context, step: int) -> None:
-        context.topk = scheduled_topk(cfg.moe, cfg.train.steps, step)
+        context.topk = scheduled_topk(cfg.moe, context.total_steps or cfg.train.steps, step)
 
     def pairs_per_token(self, moe, context, training: bool):
         k = context.topk if training else context.eval_topk

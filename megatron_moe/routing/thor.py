@@ -92,9 +92,10 @@ class ThorMethod(RoutingMethod):
         if thor.alpha < 0:
             raise ConfigError(f"moe.thor.alpha ({thor.alpha}) must be >= 0")
 
-    def loss_function(self, cfg):
+    def loss_function(self, cfg, vocab_size: int):
         from functools import partial
 
         from megatron_moe.routing.thor_loss import thor_loss
 
-        return partial(thor_loss, alpha=cfg.moe.thor.alpha)
+        return partial(thor_loss, alpha=cfg.moe.thor.alpha,
+                       smoothing=cfg.train.label_smoothing, vocab_size=vocab_size)

@@ -4,7 +4,8 @@
     CR   = 0.5 * (KL(p_a || p_b) + KL(p_b || p_a)) per target token, over the vocabulary.
 
 Log-probabilities come from a log-softmax over the vocabulary shards: the maximum and the sum of
-exponentials are all-reduced over the TP group, so no rank gathers full-vocabulary logits.
+exponentials are all-reduced over the TP group, so no rank gathers full-vocabulary logits
+(:mod:`megatron_moe.model.vocab_parallel`); CE is label-smoothed when ``train.label_smoothing`` > 0.
 
 Gradients under TP. The loss is replicated on every TP rank and each rank back-propagates its own
 copy into its own vocabulary shard. The per-token KL is a sum of per-shard partial sums: it is
@@ -22,28 +23,10 @@ Legend: B sequences per copy, S sequence length, V vocabulary shard on this rank
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                    reduce_from_tensor_model_parallel_region)
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-
-def all_reduce_both_ways(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum over ``group`` in forward, and sum the incoming gradients over ``group`` in backward:
-    for a value every rank uses in a replicated loss (megatron's reduce-then-copy mappings)."""
-    return copy_to_tensor_model_parallel_region(
-        reduce_from_tensor_model_parallel_region(x, group=group), group=group)
-
-
-def vocab_parallel_log_softmax(logits_BSV: torch.Tensor, group=None) -> torch.Tensor:
-    group = group or parallel_state.get_tensor_model_parallel_group()
-    shift = logits_BSV.detach().max(dim=-1, keepdim=True).values
-    if group.size() > 1:
-        torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX, group=group)
-    shifted = logits_BSV - shift
-    sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
-    if group.size() > 1:
-        sum_exp = all_reduce_both_ways(sum_exp, group)
-    return shifted - sum_exp.log()
+from megatron_moe.model.vocab_parallel import smoothed_nll, vocab_parallel_log_softmax
 
 
 def symmetric_kl(logp_a_BSV: torch.Tensor, logp_b_BSV: torch.Tensor, group=None) -> torch.Tensor:
@@ -57,14 +40,19 @@ def symmetric_kl(logp_a_BSV: torch.Tensor, logp_b_BSV: torch.Tensor, group=None)
 
 
 def thor_loss(logits_2BSV: torch.Tensor, labels_2BS: torch.Tensor, loss_mask_2BS: torch.Tensor,
-              alpha: float, group=None):
-    """(loss sum, tokens of one copy, mean-CE sum for reporting, CR sum)."""
+              alpha: float, smoothing: float = 0.0, vocab_size: int | None = None, group=None):
+    """(loss sum, tokens of one copy, plain-CE sum of one copy for reporting, CR sum).
+
+    CE is label-smoothed over the first ``vocab_size`` tokens when ``smoothing`` > 0 (the
+    authors' recipe: 0.1); the reported CE is the plain one either way."""
+    group = group or parallel_state.get_tensor_model_parallel_group()
     B = logits_2BSV.shape[0] // 2
-    logits = logits_2BSV.float()
-    ce_2BS = tensor_parallel.vocab_parallel_cross_entropy(logits.clone(), labels_2BS)  # in-place
-    logp = vocab_parallel_log_softmax(logits, group)
+    logp = vocab_parallel_log_softmax(logits_2BSV.float(), group)
+    vocab_size = vocab_size or logp.shape[-1] * group.size()
+    ce_2BS, nll_2BS = smoothed_nll(logp, labels_2BS, smoothing, vocab_size, group)
     cr_BS = symmetric_kl(logp[:B], logp[B:], group)
     mask_BS = loss_mask_2BS[:B].float()
     ce_sum = (ce_2BS[:B] * mask_BS).sum() + (ce_2BS[B:] * mask_BS).sum()
+    nll_sum = (nll_2BS[:B] * mask_BS).sum() + (nll_2BS[B:] * mask_BS).sum()
     cr_sum = (cr_BS * mask_BS).sum()
-    return ce_sum + alpha * cr_sum, mask_BS.sum(), 0.5 * ce_sum.detach(), cr_sum.detach()
+    return ce_sum + alpha * cr_sum, mask_BS.sum(), 0.5 * nll_sum.detach(), cr_sum.detach()

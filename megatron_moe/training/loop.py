@@ -13,6 +13,7 @@ from megatron_moe.checkpointing import BackgroundSaves, load_checkpoint, save_ch
 from megatron_moe.checkpointing.store import check_writable
 from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
+from megatron_moe.training.budget import BudgetClock, resize_schedules
 from megatron_moe.training.evaluation import validation_loss
 from megatron_moe.training.optim import use_fused_adam
 from megatron_moe.training.preemption import StopRequest
@@ -62,9 +63,10 @@ def interval_values(run: Run, steps: int, microbatches: int) -> tuple[dict, dict
     return {**{names[k]: v for k, v in aux.items()}, **routing}, per_layer
 
 
-def _eta(elapsed: float, steps_done: int, steps_left: int, budget) -> float:
-    eta = elapsed / max(steps_done, 1) * steps_left
-    return min(eta, max(budget - elapsed, 0.0)) if budget is not None else eta
+def _eta(clock: BudgetClock, steps_done: int, done: int) -> float:
+    """Seconds left: at this process's pace, and never past the budget."""
+    eta = (clock.elapsed() - clock.prior_s) / max(steps_done, 1) * (clock.total_steps - done)
+    return min(eta, max(clock.budget_s - clock.elapsed(), 0.0)) if clock.budget_s else eta
 
 
 def periodic_bleu(run: Run) -> str:
@@ -87,11 +89,13 @@ def periodic_bleu(run: Run) -> str:
 
 
 def train(cfg: Config, env: LaunchEnv) -> list[float]:
-    """Train ``cfg.train.steps`` steps (resuming from ``checkpoint.load``); return the step losses."""
+    """Train ``train.steps`` steps, or as many as fit ``train.time_budget_minutes`` (resuming from
+    ``checkpoint.load``); return the step losses."""
     if cfg.checkpoint.save:
         check_writable(cfg.checkpoint.save, env.rank)
     run = setup_run(cfg, env, training=True)
     logger = MetricsLogger(cfg, is_main_rank(), method_fields=run.method.log_fields)
+    clock = BudgetClock(cfg)
     start = 0
     if cfg.checkpoint.load:
         resumed = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer,
@@ -100,63 +104,73 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
         start = resumed.step
         run.sample_offset = resumed.consumed_samples - start * cfg.train.global_batch_size
         run.restore_extra(resumed.common, env.rank == 0)
+        clock.restore(resumed.common.get("budget", {}))
         logger.note(f"resumed from {cfg.checkpoint.load} at step {start} ({resumed.path.name}, "
                     f"{resumed.consumed_samples} samples consumed)")
-    started = time.perf_counter()
-    budget = cfg.train.time_budget_minutes * 60 if cfg.train.time_budget_minutes else None
+    resize_schedules(run, clock.total_steps)
     saves = None
     if cfg.checkpoint.async_save and cfg.checkpoint.save:
         saves = BackgroundSaves(lambda path, seconds: logger.note(
             f"saved checkpoint {path} (written in the background, {seconds:.1f}s)"))
     with StopRequest() as stop:
-        losses, done, signalled = _steps(run, logger, start, started, budget, stop, saves)
+        losses, done, signalled = _steps(run, logger, start, clock, stop, saves)
     if saves is not None:  # the last save is published before the run ends
         saves.finish(blocking=True)
     if not signalled:  # a stopped job leaves quickly: the time limit is near
-        logger.log_eval(done, validation_loss(run))
+        logger.log_eval(done, validation_loss(run), train_s=clock.elapsed())
     logger.close()
     return losses
 
 
-def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
-           stop: StopRequest, saves: BackgroundSaves | None) -> tuple[list[float], int, bool]:
+def _steps(run: Run, logger: MetricsLogger, start: int, clock: BudgetClock, stop: StopRequest,
+           saves: BackgroundSaves | None) -> tuple[list[float], int, bool]:
     """The step loop; ends early (after a save) on the time budget or a stop signal.
 
     Returns the losses, the last completed step and whether a stop signal ended it.
     """
     cfg, losses, done, signalled = run.cfg, [], start, False
     pending_steps = pending_microbatches = 0  # since the last log line
-    for step in range(start, cfg.train.steps):
-        values = train_step(run, step)
+    if clock.budget_s is not None and clock.prior_s >= clock.budget_s:  # resumed at its end
+        logger.note(f"train.time_budget_minutes ({cfg.train.time_budget_minutes}) was spent "
+                    f"before this resume: no step left")
+        return losses, done, False
+    while done < clock.total_steps:
+        values = train_step(run, done)
         losses.append(values["loss"])
-        done = step + 1
+        done += 1
         pending_steps, pending_microbatches = (pending_steps + 1,
                                                pending_microbatches + values.pop("microbatches"))
-        elapsed = time.perf_counter() - started
-        out_of_time = budget is not None and elapsed >= budget
-        values["eta_s"] = _eta(elapsed, done - start, cfg.train.steps - done, budget)
-        signalled = stop.agreed()
-        last = done == cfg.train.steps or out_of_time or signalled
+        fitted = clock.step_done(done)  # with a budget: the run's length, once timed
+        if fitted:
+            resize_schedules(run, clock.total_steps)
+            logger.note(fitted)
+        values["eta_s"] = _eta(clock, done - start, done)
+        values["train_s"], values["total_steps"] = clock.elapsed(), clock.total_steps
+        signalled, out_of_time = stop.agreed(clock.out_of_time())
+        last = done >= clock.total_steps or out_of_time or signalled
         log_step = done % cfg.logging.interval == 0 or last or done == start + 1
         if log_step:  # the interval's device statistics are read here, and only here
             interval_stats, per_layer = interval_values(run, pending_steps, pending_microbatches)
             values.update(interval_stats)
             logger.log_layers(done, per_layer)
             pending_steps = pending_microbatches = 0
-        logger.record_step(done, values)
+        logger.record_step(done, values, per_layer if log_step else None)
         if log_step:
-            logger.log_step(done, cfg.train.steps, values)
-        if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:
-            logger.log_eval(done, validation_loss(run))
-        if cfg.train.bleu_interval and done % cfg.train.bleu_interval == 0:
-            logger.note(f"step {done}: {periodic_bleu(run)}")
+            logger.log_step(done, clock.total_steps, values)
+        with clock.pause():  # measurements are not training time
+            if cfg.train.eval_interval and done % cfg.train.eval_interval == 0:
+                logger.log_eval(done, validation_loss(run), train_s=clock.elapsed())
+            if cfg.train.bleu_interval and done % cfg.train.bleu_interval == 0:
+                logger.note(f"step {done}: {periodic_bleu(run)}")
         if saves is not None:
             saves.finish()
         interval = cfg.checkpoint.interval
         if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
-            path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
-                                   run.scheduler, consumed_samples=run.consumed_samples(done),
-                                   background=saves, extra=run.checkpoint_extra())
+            with clock.pause():
+                path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
+                                       run.scheduler, consumed_samples=run.consumed_samples(done),
+                                       background=saves,
+                                       extra={**run.checkpoint_extra(), "budget": clock.state()})
             if saves is None:
                 logger.note(f"saved checkpoint {path}")
         if signalled:
@@ -166,6 +180,6 @@ def _steps(run: Run, logger: MetricsLogger, start: int, started: float, budget,
             break
         if out_of_time:
             logger.note(f"train.time_budget_minutes ({cfg.train.time_budget_minutes}) reached "
-                        f"after step {done}")
+                        f"after step {done} (the schedules end at step {clock.total_steps})")
             break
     return losses, done, signalled

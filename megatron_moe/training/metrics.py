@@ -76,6 +76,7 @@ def routing_metrics(cfg: Config, method, stats: dict, steps: int) -> tuple[dict,
         per_layer[f"{prefix}/ep_bytes"] = float(col["ep_bytes"][layer]) / steps
         per_layer[f"{prefix}/drop_rate"] = float(col["dropped"][layer] / max(col["calls"][layer], 1))
         per_layer[f"{prefix}/ep_bytes_saved"] = float(col["ep_bytes_saved"][layer]) / steps
+        per_layer[f"{prefix}/tokens"] = float(col["tokens"][layer])
         per_layer[f"{prefix}/two_expert_frac"] = float(col["two_expert_tokens"][layer]
                                                        / max(col["tokens"][layer], 1.0))
         for e in range(E):
@@ -99,10 +100,14 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
 
-    def record_step(self, step: int, values: dict) -> None:
-        """Every step, full precision, to ``logging.metrics_file``."""
+    def record_step(self, step: int, values: dict, per_layer: dict | None = None) -> None:
+        """Every step, full precision, to ``logging.metrics_file`` (log steps: with the
+        interval's per-layer routing statistics under ``layers``)."""
+        self._record({"step": step, **values, **({"layers": per_layer} if per_layer else {})})
+
+    def _record(self, row: dict) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
 
     def log_layers(self, step: int, per_layer: dict) -> None:
@@ -131,9 +136,12 @@ class MetricsLogger:
         if self.is_main:
             print(f"[megatron_moe] {message}", file=self.stream, flush=True)
 
-    def log_eval(self, step: int, loss: float) -> None:
+    def log_eval(self, step: int, loss: float, train_s: float | None = None) -> None:
+        """A validation loss; in the metrics file as ``{"step", "valid_loss", "train_s"}``."""
         if not self.is_main:
             return
+        self._record({"step": step, "valid_loss": loss,
+                      **({"train_s": train_s} if train_s is not None else {})})
         print(f"validation at step {step}: {json.dumps({'loss': loss})}", file=self.stream,
               flush=True)
         if self.writer is not None:

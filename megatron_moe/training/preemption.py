@@ -5,7 +5,8 @@ Slurm can warn a job before its time limit (``#SBATCH --signal=B:USR1@120``); th
 SIGTERM. :class:`StopRequest` records such a signal instead of dying; the training loop asks
 :meth:`StopRequest.agreed` after every step, saves a checkpoint and returns. Ranks may receive the
 signal a step apart, so the decision is one all-reduce (MAX) of a flag per step: every rank stops
-after the same step and the collective save cannot hang.
+after the same step and the collective save cannot hang. The time budget's flag (each rank's own
+clock) rides in the same all-reduce.
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ class StopRequest:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank has received a signal (a collective call)."""
-        flag = 1.0 if self.received else 0.0
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return bool(flag)
-        t = torch.tensor([flag], device=compute_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    def agreed(self, *others: bool) -> tuple[bool, ...]:
+        """(any rank received a signal, then for each of ``others``: true on any rank), the same
+        on every rank: one collective call (e.g. the time budget, read from each rank's clock)."""
+        return agree_any(self.received is not None, *others)
+
+
+def agree_any(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over all ranks (one all-reduce MAX), so that every rank takes the same
+    branch before a collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], device=compute_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())

@@ -20,7 +20,7 @@ from megatron_moe.model.build import build_model, transformer_config
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.routing.method import RoutingMethod
 from megatron_moe.routing.registry import routing_method
-from megatron_moe.training.step import make_forward_step
+from megatron_moe.training.step import make_forward_step, smoothed_token_loss
 from megatron_moe.validation import warnings_for
 from megatron_moe.runtime.cpu_support import compute_device
 from megatron_moe.runtime.distributed import LaunchEnv, init_distributed, is_main_rank
@@ -133,7 +133,8 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
     if inference:
         tconfig.sequence_parallel = False
     context = RoutingContext(seed=cfg.train.seed)
-    model = build_model(cfg, tconfig, vocab_size(cfg, tokenizer), context)
+    vocab = vocab_size(cfg, tokenizer)
+    model = build_model(cfg, tconfig, vocab, context)
     ddp = wrap_ddp(cfg, tconfig, model)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model built in {time.perf_counter() - started:.1f}s: {n_params:,} parameters on rank 0 "
@@ -143,7 +144,8 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
     if training:
         context.sample_routing = method.curriculum(cfg, train_samples, compute_device())
     run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples, context, method,
-              make_forward_step(context, method.loss_function(cfg), tconfig.sequence_parallel))
+              make_forward_step(context, method.loss_function(cfg, vocab), tconfig.sequence_parallel,
+                                token_loss=smoothed_token_loss(cfg.train.label_smoothing, vocab)))
     # 4. optimizer and schedule
     if training:
         run.optimizer = build_optimizer(cfg, tconfig, ddp)

@@ -4,7 +4,9 @@ Losses are per-token sums with token counts (``calculate_per_token_loss``): mega
 gradients by the global token count in ``finalize_model_grads``, so the update equals that of one
 process holding the whole global batch, whatever the TP/PP/EP/DP layout.
 
-A routing method that trains on duplicated micro-batches (THOR: ``[x; x]`` along the batch) gives
+With ``train.label_smoothing`` the model returns its vocab-parallel logits in training and the
+smoothed loss is computed here (:mod:`megatron_moe.model.vocab_parallel`); the reported loss stays
+the plain CE. A routing method that trains on duplicated micro-batches (THOR: ``[x; x]`` along the batch) gives
 its own loss function of the vocab-parallel logits (:meth:`RoutingMethod.loss_function`).
 Translation batches pass megatron's ``padding_mask`` (True = padding), so MoE layers leave padded
 positions out of the balancing statistics and the load counts; the loss is unchanged.
@@ -19,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moe.data.batches import MicroBatch
+from megatron_moe.model.vocab_parallel import smoothed_cross_entropy
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.runtime.cpu_support import compute_device
 
@@ -33,6 +36,23 @@ def loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
     loss_sum = torch.sum(output_BS.reshape(-1).float() * mask)
     num_tokens = mask.sum()
     return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(loss_sum, num_tokens))
+
+
+def smoothed_loss_func(loss_mask_BS: torch.Tensor, token_loss, labels_BS, logits_BSV):
+    """Label-smoothed training loss; the plain CE is what is reported (comparable across runs)."""
+    smoothed_BS, nll_BS = token_loss(logits_BSV, labels_BS)
+    mask = loss_mask_BS.float()
+    num_tokens = mask.sum()
+    return ((smoothed_BS * mask).sum(), num_tokens.to(torch.int),
+            _report(lm_loss=((nll_BS * mask).sum(), num_tokens)))
+
+
+def smoothed_token_loss(smoothing: float, vocab_size: int):
+    """``train.label_smoothing``'s per-token loss of vocab-parallel logits, or None (plain CE in
+    megatron's model) when it is 0."""
+    if smoothing == 0.0:
+        return None
+    return partial(smoothed_cross_entropy, smoothing=smoothing, vocab_size=vocab_size)
 
 
 def duplicated_loss_func(method_loss, labels_2BS, loss_mask_2BS, logits_2BSV: torch.Tensor):
@@ -56,10 +76,13 @@ def stage_padding_mask(padding_BS, sequence_parallel: bool):
     return padding_BS[:, rank * S_local:(rank + 1) * S_local].contiguous()
 
 
-def make_forward_step(context: RoutingContext, method_loss=None, sequence_parallel=False):
+def make_forward_step(context: RoutingContext, method_loss=None, sequence_parallel=False,
+                      token_loss=None):
     """The schedule's forward-step function; advances the context's micro-batch counter.
 
-    ``method_loss``: the routing method's loss on the duplicated batch (None: plain LM loss)."""
+    ``method_loss``: the routing method's loss on the duplicated batch (None: plain LM loss).
+    ``token_loss``: the label-smoothed loss of the logits in training (None: megatron's CE).
+    Evaluation always uses the plain CE."""
 
     def forward_step(data_iterator, model):
         batch: MicroBatch = next(data_iterator)
@@ -73,6 +96,11 @@ def make_forward_step(context: RoutingContext, method_loss=None, sequence_parall
             return logits_2BSV, partial(duplicated_loss_func, method_loss,
                                         _twice(batch.labels_BS), _twice(batch.loss_mask_BS))
         padding = stage_padding_mask(batch.padding_BS, sequence_parallel)
+        if token_loss is not None and model.training:
+            logits_BSV = model(batch.tokens_BS, batch.position_ids_BS, attention_mask=None,
+                               padding_mask=padding)
+            return logits_BSV, partial(smoothed_loss_func, batch.loss_mask_BS, token_loss,
+                                       batch.labels_BS)
         output_BS = model(batch.tokens_BS, batch.position_ids_BS, attention_mask=None,
                           labels=batch.labels_BS, padding_mask=padding)
         return output_BS, partial(loss_func, batch.loss_mask_BS)

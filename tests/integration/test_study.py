@@ -1,0 +1,121 @@
+"""Tier: integration (the study runner as a user starts it, which starts the CLI). A two-run,
+two-seed plan on the debug config runs end to end (train at a budget, evaluate, SMoE k sweep,
+records, RESULTS.md with its tables and the PNG plots), and a second call only regenerates the
+report; a runner killed with SIGKILL mid-run is started again: it resumes the unfinished run from
+its checkpoint and finishes, and processes of a run left behind are ended before it resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from megatron_moe.checkpointing.store import tracked_step
+from megatron_moe.study.runner import STUDY_RUN_TAG, _end_tagged, _tagged_pids
+from tests.conftest import DEBUG_CONFIG, launch
+
+pytestmark = pytest.mark.integration
+
+COMMON = ["train.steps=100000", "train.eval_interval=10", "logging.interval=5",
+          "train.budget_timing_steps=5", "train.warmup_steps=3"]
+
+
+def _plan(tmp_path, runs, budget, extra=()) -> str:
+    plan = {"name": "tiny", "config": DEBUG_CONFIG, "nproc": 1, "threads": 1,
+            "budget_minutes": budget, "seeds": [1, 2], "common": COMMON + list(extra),
+            "evaluate": ["train.eval_iters=1"], "runs": runs,
+            "claims": [{"claim": "SMoE-Dropout no worse than top-2", "run": "smoe",
+                        "baseline": "top2", "metric": "valid_loss", "kind": "no_worse",
+                        "paper": "beats dense"}],
+            "plots": {"expert_load": ["top2", "smoe"], "smoe": ["smoe"],
+                      "smoe_reference": ["top2"]}}
+    if len(runs) == 1:  # the claim and plots compare two runs
+        plan.pop("claims"), plan.pop("plots")
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return str(path)
+
+
+def _study(plan, tmp_path, *args, background=False):
+    cmd = [sys.executable, "tools/study.py", "--plan", plan, "--work", str(tmp_path / "work"),
+           "--records", str(tmp_path / "records"), *args]
+    return launch(cmd, background=background, timeout=600)
+
+
+RUNS = [{"name": "top2", "label": "top-2"},
+        {"name": "smoe", "overrides": ["moe.router=smoe_dropout"], "eval_k": [1, 2]}]
+
+
+def test_two_run_two_seed_plan_end_to_end_then_report_only(tmp_path):
+    plan = _plan(tmp_path, RUNS, budget=0.05)
+    proc = _study(plan, tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = tmp_path / "records"
+    report = (records / "RESULTS.md").read_text()
+    for rid in ("top2-s1", "top2-s2", "smoe-s1", "smoe-s2"):
+        run = json.loads((records / "runs" / rid / "run.json").read_text())
+        assert run["summary"]["steps"] > 10 and run["summary"]["train_s"] > 0
+        assert any("megatron_moe train" in c for c in run["commands"])
+        name, seed = rid.split("-s")
+        assert f"| {name} | {seed} | {run['summary']['steps']} / " in report  # runs table row
+    assert "4 of 4 runs finished" in report
+    assert "| SMoE-Dropout no worse than top-2 | beats dense | smoe valid_loss:" in report
+    assert "| smoe-s1 | 1 |" in report and "| smoe-s2 | 2 |" in report  # k sweep rows
+    assert "smoe_k_sweep.py" in report  # the sweep's command is listed
+    for png in ("valid_loss_time", "valid_loss_step", "cost", "expert_load", "smoe_k"):
+        assert (records / f"{png}.png").stat().st_size > 5000, png
+        assert f"]({png}.png)" in report
+    # a finished study: the runner only regenerates the report
+    before = {p: p.stat().st_mtime_ns for p in (records / "runs").rglob("*")}
+    (records / "RESULTS.md").unlink()
+    again = _study(plan, tmp_path)
+    assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
+    assert "megatron_moe train" not in again.stdout and (records / "RESULTS.md").exists()
+    assert {p: p.stat().st_mtime_ns for p in (records / "runs").rglob("*")} == before
+
+
+def test_killed_runner_resumes_the_unfinished_run(tmp_path):
+    plan = _plan(tmp_path, [RUNS[0]], budget=0.15, extra=["checkpoint.interval=5"])
+    plan_data = yaml.safe_load(open(plan))
+    plan_data["seeds"] = [1]
+    open(plan, "w").write(yaml.safe_dump(plan_data))
+    ckpt = tmp_path / "work" / "top2-s1" / "ckpt"
+    proc = _study(plan, tmp_path, background=True)
+    for line in proc.stdout:  # the run has saved a checkpoint after its schedule was fitted
+        if "step     20/" in line and tracked_step(ckpt):
+            os.kill(proc.pid, signal.SIGKILL)  # the runner only: its training is left running
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    proc.stdout.close()
+    resumed = _study(plan, tmp_path)
+    out = resumed.stdout
+    assert resumed.returncode == 0, (out + resumed.stderr)[-3000:]
+    assert "top2-s1: resuming from" in out
+    log = (tmp_path / "work" / "top2-s1" / "train.log").read_text()
+    assert "resumed from" in log and "the schedules now end at step" in log
+    record = json.loads((tmp_path / "records" / "runs" / "top2-s1" / "run.json").read_text())
+    assert record["summary"]["steps"] == record["summary"]["total_steps"] or \
+        "reached after step" in log
+    assert (tmp_path / "records" / "RESULTS.md").exists()
+    assert not _tagged_pids(str((tmp_path / "work" / "top2-s1").resolve()))
+
+
+def test_processes_a_killed_runner_left_behind_are_ended(tmp_path):
+    """An orphan may outlive its runner until its next write to the closed pipe (or forever
+    when it writes nothing, e.g. in a long checkpoint save or evaluation)."""
+    tag = str(tmp_path)
+    env = dict(os.environ, **{STUDY_RUN_TAG: tag})
+    orphans = [subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
+               for _ in range(2)]
+    for _ in range(100):  # until both have started
+        if len(_tagged_pids(tag)) == 2:
+            break
+        time.sleep(0.05)
+    assert len(_tagged_pids(tag)) == 2
+    _end_tagged(tag)
+    assert [p.wait(timeout=10) for p in orphans] == [-signal.SIGKILL] * 2
+    assert not _tagged_pids(tag)
