@@ -57,6 +57,7 @@ def main(argv=None) -> None:
             with run.context.overriding(drop_p=p):  # the config stays as validated
                 values = train_step(run, step)
             microbatches = values.pop("microbatches")
+            values.pop("processed")
             values.update(interval_values(run, 1, microbatches)[0])  # this step's
             values["microbatches"] = microbatches
             step += 1

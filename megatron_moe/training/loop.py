@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from megatron_moe.checkpointing import BackgroundSaves, load_checkpoint, save_checkpoint
 from megatron_moe.checkpointing.store import check_writable
 from megatron_moe.config import Config
+from megatron_moe.runtime.children import tie_children_to_this_process
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.budget import BudgetClock, resize_schedules
 from megatron_moe.training.evaluation import validation_loss
@@ -20,6 +23,7 @@ from megatron_moe.training.preemption import StopRequest
 from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
 from megatron_moe.training.setup import Run, setup_run
 from megatron_moe.training.step import forward_backward
+from megatron_moe.training.throughput import Throughput, device_peak_tflops, forward_flops
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -47,6 +51,7 @@ def train_step(run: Run, step: int) -> dict:
         "tokens_per_s": tokens / elapsed,
         "step_time_s": elapsed,
         "microbatches": len(batches),
+        "processed": reports["processed"],  # (tokens computed, tokens x seq): throughput's
         **run.method.step_values(run.context),
     }
     if "consistency_loss" in reports:
@@ -54,13 +59,17 @@ def train_step(run: Run, step: int) -> dict:
     return values
 
 
-def interval_values(run: Run, steps: int, microbatches: int) -> tuple[dict, dict]:
-    """The log interval's router losses and routing statistics (collectives: every rank calls it
-    on the same steps). Returns (log-line values, per-layer TensorBoard values)."""
+def interval_values(run: Run, steps: int, microbatches: int,
+                    throughput: Throughput | None = None) -> tuple[dict, dict]:
+    """The log interval's router losses, routing statistics and throughput (collectives: every
+    rank calls it on the same steps). Returns (log-line values, per-layer TensorBoard values)."""
     aux = moe_aux_losses(run.cfg, run.tconfig, microbatches)
     routing, per_layer = routing_metrics(run.cfg, run.method, run.context.reset_stats(), steps)
     names = {"load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
-    return {**{names[k]: v for k, v in aux.items()}, **routing}, per_layer
+    values = {**{names[k]: v for k, v in aux.items()}, **routing}
+    if throughput is not None:
+        values.update(throughput.interval(routing.get("experts_per_token", run.cfg.moe.topk)))
+    return values, per_layer
 
 
 def _eta(clock: BudgetClock, steps_done: int, done: int) -> float:
@@ -93,6 +102,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     ``checkpoint.load``); return the step losses."""
     if cfg.checkpoint.save:
         check_writable(cfg.checkpoint.save, env.rank)
+        tie_children_to_this_process()  # megatron's checkpoint helpers die with this rank
     run = setup_run(cfg, env, training=True)
     logger = MetricsLogger(cfg, is_main_rank(), method_fields=run.method.log_fields)
     clock = BudgetClock(cfg)
@@ -130,6 +140,8 @@ def _steps(run: Run, logger: MetricsLogger, start: int, clock: BudgetClock, stop
     """
     cfg, losses, done, signalled = run.cfg, [], start, False
     pending_steps = pending_microbatches = 0  # since the last log line
+    throughput = Throughput(forward_flops(cfg, run.model.vocab_size),
+                            torch.distributed.get_world_size(), device_peak_tflops())
     if clock.budget_s is not None and clock.prior_s >= clock.budget_s:  # resumed at its end
         logger.note(f"train.time_budget_minutes ({cfg.train.time_budget_minutes}) was spent "
                     f"before this resume: no step left")
@@ -140,6 +152,7 @@ def _steps(run: Run, logger: MetricsLogger, start: int, clock: BudgetClock, stop
         done += 1
         pending_steps, pending_microbatches = (pending_steps + 1,
                                                pending_microbatches + values.pop("microbatches"))
+        throughput.add(*values.pop("processed"), values["step_time_s"])
         fitted = clock.step_done(done)  # with a budget: the run's length, once timed
         if fitted:
             resize_schedules(run, clock.total_steps)
@@ -150,7 +163,8 @@ def _steps(run: Run, logger: MetricsLogger, start: int, clock: BudgetClock, stop
         last = done >= clock.total_steps or out_of_time or signalled
         log_step = done % cfg.logging.interval == 0 or last or done == start + 1
         if log_step:  # the interval's device statistics are read here, and only here
-            interval_stats, per_layer = interval_values(run, pending_steps, pending_microbatches)
+            interval_stats, per_layer = interval_values(run, pending_steps, pending_microbatches,
+                                                        throughput)
             values.update(interval_stats)
             logger.log_layers(done, per_layer)
             pending_steps = pending_microbatches = 0

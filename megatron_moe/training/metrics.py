@@ -64,6 +64,8 @@ def routing_metrics(cfg: Config, method, stats: dict, steps: int) -> tuple[dict,
     col = {f: table[:, i] for i, f in enumerate(_FIELDS)}
     totals = {f: float(col[f].sum()) for f in _FIELDS}
     summary = {"ep_mbytes": totals["ep_bytes"] / steps / 1e6}
+    if totals["tokens"] > 0:  # routed (token, expert) pairs per token: the active experts
+        summary["experts_per_token"] = float(table[:, len(_FIELDS):].sum()) / totals["tokens"]
     if cfg.moe.gating_dropout.p > 0:
         summary["drop_rate"] = totals["dropped"] / max(totals["calls"], 1.0)
         summary["ep_mbytes_saved"] = totals["ep_bytes_saved"] / steps / 1e6
@@ -123,6 +125,7 @@ class MetricsLogger:
         for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("z_loss", ".4f"), *self.method_fields,
                          ("drop_rate", ".3f"), ("ep_mbytes", ".3f"), ("ep_mbytes_saved", ".3f"),
                          ("lr", ".3e"), ("grad_norm", ".3f"), ("tokens_per_s", ".0f"),
+                         ("tflops", ".3g"), ("mfu", ".3f"), ("peak_mem_gib", ".2f"),
                          ("step_time_s", ".3f"), ("eta_s", ".0f")):
             if values.get(key) is not None:
                 parts.append(f"{key} {values[key]:{fmt}}")

@@ -26,6 +26,14 @@ from megatron_moe.routing.context import RoutingContext
 from megatron_moe.runtime.cpu_support import compute_device
 
 
+def _processed(mask_BS: torch.Tensor) -> tuple:
+    """(tokens computed, tokens x sequence length) of a micro-batch, padding included: host
+    values from its shape (throughput's attention FLOPs)."""
+    B, S = mask_BS.shape
+    fill = lambda v: torch.full((), float(v), device=mask_BS.device)  # noqa: E731  (no copy)
+    return fill(B * S), fill(B * S * S)
+
+
 def _report(**values) -> dict:
     return {k: torch.stack([s.detach().float(), n.detach().float()]) for k, (s, n) in values.items()}
 
@@ -35,7 +43,8 @@ def loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
     mask = loss_mask_BS.reshape(-1).float()
     loss_sum = torch.sum(output_BS.reshape(-1).float() * mask)
     num_tokens = mask.sum()
-    return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(loss_sum, num_tokens))
+    return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(loss_sum, num_tokens),
+                                                       processed=_processed(loss_mask_BS))
 
 
 def smoothed_loss_func(loss_mask_BS: torch.Tensor, token_loss, labels_BS, logits_BSV):
@@ -44,7 +53,7 @@ def smoothed_loss_func(loss_mask_BS: torch.Tensor, token_loss, labels_BS, logits
     mask = loss_mask_BS.float()
     num_tokens = mask.sum()
     return ((smoothed_BS * mask).sum(), num_tokens.to(torch.int),
-            _report(lm_loss=((nll_BS * mask).sum(), num_tokens)))
+            _report(lm_loss=((nll_BS * mask).sum(), num_tokens), processed=_processed(loss_mask_BS)))
 
 
 def smoothed_token_loss(smoothing: float, vocab_size: int):
@@ -58,7 +67,8 @@ def smoothed_token_loss(smoothing: float, vocab_size: int):
 def duplicated_loss_func(method_loss, labels_2BS, loss_mask_2BS, logits_2BSV: torch.Tensor):
     loss_sum, num_tokens, ce_sum, cr_sum = method_loss(logits_2BSV, labels_2BS, loss_mask_2BS)
     return loss_sum, num_tokens.to(torch.int), _report(lm_loss=(ce_sum, num_tokens),
-                                                       consistency_loss=(cr_sum, num_tokens))
+                                                       consistency_loss=(cr_sum, num_tokens),
+                                                       processed=_processed(loss_mask_2BS))
 
 
 def _twice(t):
@@ -126,7 +136,7 @@ def forward_backward(model, batches: list[MicroBatch], seq_length: int, forward_
 
 def reduce_reports(reports) -> dict:
     """Sum the last stage's reports over data-parallel ranks and share them with every rank."""
-    names = ["lm_loss", "consistency_loss"]
+    names = ["lm_loss", "consistency_loss", "processed"]
     total = torch.zeros(len(names), 2, dtype=torch.float64, device=compute_device())
     is_reporter = (parallel_state.is_pipeline_last_stage()
                    and parallel_state.get_tensor_model_parallel_rank() == 0)

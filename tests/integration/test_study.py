@@ -1,8 +1,9 @@
 """Tier: integration (the study runner as a user starts it, which starts the CLI). A two-run,
 two-seed plan on the debug config runs end to end (train at a budget, evaluate, SMoE k sweep,
-records, RESULTS.md with its tables and the PNG plots), and a second call only regenerates the
-report; a runner killed with SIGKILL mid-run is started again: it resumes the unfinished run from
-its checkpoint and finishes, and processes of a run left behind are ended before it resumes."""
+records, RESULTS.md with its tables and the PNG plots): the runner is killed with SIGKILL in the
+first run and started again, resumes that run from its checkpoint (its fitted schedule kept) and
+finishes the plan; a third call only regenerates the report. Processes of a run that a killed
+runner left behind are ended before the run resumes."""
 
 import json
 import os
@@ -33,8 +34,6 @@ def _plan(tmp_path, runs, budget, extra=()) -> str:
                         "paper": "beats dense"}],
             "plots": {"expert_load": ["top2", "smoe"], "smoe": ["smoe"],
                       "smoe_reference": ["top2"]}}
-    if len(runs) == 1:  # the claim and plots compare two runs
-        plan.pop("claims"), plan.pop("plots")
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     return str(path)
@@ -50,18 +49,37 @@ RUNS = [{"name": "top2", "label": "top-2"},
         {"name": "smoe", "overrides": ["moe.router=smoe_dropout"], "eval_k": [1, 2]}]
 
 
-def test_two_run_two_seed_plan_end_to_end_then_report_only(tmp_path):
-    plan = _plan(tmp_path, RUNS, budget=0.05)
-    proc = _study(plan, tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+def _kill_runner_mid_run(plan, tmp_path) -> None:
+    """Start the runner; SIGKILL it (its training is left running) once the first run has a
+    checkpoint of its fitted schedule."""
+    ckpt = tmp_path / "work" / "top2-s1" / "ckpt"
+    proc = _study(plan, tmp_path, background=True)
+    for line in proc.stdout:
+        if "step     20/" in line and tracked_step(ckpt):
+            os.kill(proc.pid, signal.SIGKILL)  # the runner only
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    proc.stdout.close()
+
+
+def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path):
+    plan = _plan(tmp_path, RUNS, budget=0.07, extra=["checkpoint.interval=5"])
+    _kill_runner_mid_run(plan, tmp_path)
+    proc = _study(plan, tmp_path)  # resumes top2-s1, then runs the other three
+    out = proc.stdout
+    assert proc.returncode == 0, (out + proc.stderr)[-3000:]
+    assert "top2-s1: resuming from" in out and out.count("resuming from") == 1
+    log = (tmp_path / "work" / "top2-s1" / "train.log").read_text()
+    assert "resumed from" in log and log.count("the schedules now end at step") == 1
     records = tmp_path / "records"
     report = (records / "RESULTS.md").read_text()
     for rid in ("top2-s1", "top2-s2", "smoe-s1", "smoe-s2"):
         run = json.loads((records / "runs" / rid / "run.json").read_text())
-        assert run["summary"]["steps"] > 10 and run["summary"]["train_s"] > 0
+        steps = run["summary"]["steps"]
+        assert steps > 10 and run["summary"]["train_s"] > 0
         assert any("megatron_moe train" in c for c in run["commands"])
         name, seed = rid.split("-s")
-        assert f"| {name} | {seed} | {run['summary']['steps']} / " in report  # runs table row
+        assert f"| {name} | {seed} | {steps} / " in report  # runs table row
     assert "4 of 4 runs finished" in report
     assert "| SMoE-Dropout no worse than top-2 | beats dense | smoe valid_loss:" in report
     assert "| smoe-s1 | 1 |" in report and "| smoe-s2 | 2 |" in report  # k sweep rows
@@ -73,34 +91,9 @@ def test_two_run_two_seed_plan_end_to_end_then_report_only(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (records / "runs").rglob("*")}
     (records / "RESULTS.md").unlink()
     again = _study(plan, tmp_path)
-    assert again.returncode == 0 and "finished earlier, skipped" in again.stdout
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
     assert "megatron_moe train" not in again.stdout and (records / "RESULTS.md").exists()
     assert {p: p.stat().st_mtime_ns for p in (records / "runs").rglob("*")} == before
-
-
-def test_killed_runner_resumes_the_unfinished_run(tmp_path):
-    plan = _plan(tmp_path, [RUNS[0]], budget=0.15, extra=["checkpoint.interval=5"])
-    plan_data = yaml.safe_load(open(plan))
-    plan_data["seeds"] = [1]
-    open(plan, "w").write(yaml.safe_dump(plan_data))
-    ckpt = tmp_path / "work" / "top2-s1" / "ckpt"
-    proc = _study(plan, tmp_path, background=True)
-    for line in proc.stdout:  # the run has saved a checkpoint after its schedule was fitted
-        if "step     20/" in line and tracked_step(ckpt):
-            os.kill(proc.pid, signal.SIGKILL)  # the runner only: its training is left running
-            break
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    proc.stdout.close()
-    resumed = _study(plan, tmp_path)
-    out = resumed.stdout
-    assert resumed.returncode == 0, (out + resumed.stderr)[-3000:]
-    assert "top2-s1: resuming from" in out
-    log = (tmp_path / "work" / "top2-s1" / "train.log").read_text()
-    assert "resumed from" in log and "the schedules now end at step" in log
-    record = json.loads((tmp_path / "records" / "runs" / "top2-s1" / "run.json").read_text())
-    assert record["summary"]["steps"] == record["summary"]["total_steps"] or \
-        "reached after step" in log
-    assert (tmp_path / "records" / "RESULTS.md").exists()
     assert not _tagged_pids(str((tmp_path / "work" / "top2-s1").resolve()))
 
 

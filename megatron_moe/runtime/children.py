@@ -1,0 +1,56 @@
+"""Helper processes die with their rank.
+
+megatron-core's checkpoint writer starts helper processes: a ``multiprocessing`` manager (spawned
+once, at the first save, to collect write results; ~270 MB) and forked writer processes. When a
+rank is killed with SIGKILL (an OOM kill, ``scancel --signal=KILL``, a node agent) nothing runs
+in it, and these children are re-parented and live on: the manager forever.
+
+Linux's ``PR_SET_PDEATHSIG`` asks the kernel to send a signal to a process when its parent
+exits. :func:`tie_children_to_this_process` (called once per rank at start-up) sets it to SIGKILL
+
+1. in every child this process *forks* (``os.register_at_fork``): megatron's writers;
+2. in the write-results manager, by starting it here (spawn context, as megatron does) with an
+   initializer that sets it, and handing its queue to megatron, which creates it only when its
+   module-level queue is still unset.
+
+The signal follows the death of the *thread* that created the child; both are created by a
+rank's main thread, which lives as long as the rank. Elsewhere than Linux nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a child: be SIGKILLed when the parent exits (and leave now if it already has)."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not permitted here: the child just outlives its parent as before
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+@functools.cache  # once per process
+def tie_children_to_this_process() -> bool:
+    """Return whether the helpers are tied (Linux), see the module docstring."""
+    if not sys.platform.startswith("linux"):
+        return False
+    os.register_at_fork(after_in_child=die_with_parent)
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from torch import multiprocessing as mp
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=die_with_parent)
+        filesystem_async._results_queue = manager.Queue()  # its proxy keeps the manager alive
+    return True
