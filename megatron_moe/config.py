@@ -87,8 +87,21 @@ class MoEConfig:
     router: str = "topk"  # routing method: a name in routing/registry.py (python -m megatron_moe -h)
     dispatcher: str = "alltoall"  # token dispatcher: alltoall | allgather
     aux_loss_coeff: float = 0.01  # load-balancing loss coefficient (0 disables)
+    load_balancing: str = "aux_loss"  # aux_loss (per micro-batch) | seq_aux_loss (per sequence)
+    #                                   | global_aux_loss (over data-parallel ranks) | none
+    score_function: str = "softmax"  # router scores: softmax | sigmoid (topk router)
+    expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias on the routing scores,
+    #                            moved toward balance after each step (needs score_function sigmoid)
+    expert_bias_update_rate: float = 1e-3  # the bias's step per optimizer step
     z_loss_coeff: Optional[float] = None  # router z-loss coefficient
+    ffn_hidden_size: Optional[int] = None  # experts' SwiGLU width (None = model.ffn_hidden_size)
+    shared_expert_ffn_hidden_size: Optional[int] = None  # shared experts' total width (None: none)
+    shared_expert_gate: bool = False  # a learned sigmoid gate on the shared experts' output
+    shared_expert_overlap: bool = False  # overlap shared experts with the dispatch (alltoall)
     capacity_factor: Optional[float] = None  # None = dropless
+    pad_to_capacity: bool = False  # with capacity_factor: pad every expert's input to capacity
+    drop_policy: str = "probs"  # with capacity_factor: drop the lowest-probability tokens (probs)
+    #                             or the last ones in order (position)
     grouped_gemm: bool = False  # grouped GEMM experts (needs TransformerEngine/CUDA)
     eval_topk: Optional[int] = None  # smoe_dropout: experts per token in evaluation (None = k_max)
     gating_dropout: GatingDropoutConfig = field(default_factory=GatingDropoutConfig)

@@ -104,12 +104,38 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_parallel(cfg, world_size, groups)
 
 
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # megatron's names
+
+
 def _validate_routing(cfg: Config) -> None:
     """Gating dropout (composes with the gated methods), then the method's own checks."""
     from megatron_moe.routing.moe_layer import GATING_DROPOUT_MODES
     from megatron_moe.routing.registry import METHODS, routing_method
 
     moe, gd = cfg.moe, cfg.moe.gating_dropout
+    _choice("moe.load_balancing", moe.load_balancing, LOAD_BALANCING)
+    _choice("moe.score_function", moe.score_function, ("softmax", "sigmoid"))
+    _choice("moe.drop_policy", moe.drop_policy, ("probs", "position"))
+    _positive(cfg, "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size")
+    if moe.expert_bias and moe.score_function != "sigmoid":
+        raise ConfigError("moe.expert_bias (true) needs moe.score_function sigmoid "
+                          f"(not {moe.score_function!r}), as in megatron-core and DeepSeek-V3")
+    if moe.expert_bias_update_rate <= 0:
+        raise ConfigError(f"moe.expert_bias_update_rate ({moe.expert_bias_update_rate}) must be "
+                          f"positive")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise ConfigError("moe.pad_to_capacity (true) needs moe.capacity_factor")
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError(f"moe.capacity_factor ({moe.capacity_factor}) must be positive "
+                          f"(null = dropless)")
+    shared = moe.shared_expert_ffn_hidden_size is not None
+    for path, value in (("moe.shared_expert_gate", moe.shared_expert_gate),
+                        ("moe.shared_expert_overlap", moe.shared_expert_overlap)):
+        if value and not shared:
+            raise ConfigError(f"{path} (true) needs moe.shared_expert_ffn_hidden_size")
+    if moe.shared_expert_overlap and moe.dispatcher != "alltoall":
+        raise ConfigError(f"moe.shared_expert_overlap (true) needs moe.dispatcher alltoall "
+                          f"(not {moe.dispatcher!r})")
     if not 0.0 <= gd.p <= 1.0:
         raise ConfigError(f"moe.gating_dropout.p ({gd.p}) must be in [0, 1]")
     _choice("moe.gating_dropout.mode", gd.mode, GATING_DROPOUT_MODES)

@@ -68,10 +68,15 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         persist_layer_norm=False,
         # MoE
         num_moe_experts=moe.num_experts,
-        moe_ffn_hidden_size=m.ffn_hidden_size,
+        moe_ffn_hidden_size=moe.ffn_hidden_size or m.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_shared_expert_overlap=moe.shared_expert_overlap,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
+        moe_token_drop_policy=moe.drop_policy,
         moe_layer_freq=moe_layer_pattern(m),
         moe_token_dispatcher_type=moe.dispatcher,
-        **routing_method(cfg).megatron_settings(moe),  # top-k, pre-softmax, load balancing
+        **routing_method(cfg).megatron_settings(moe),  # top-k, scores, load balancing, bias
         # megatron 0.16.1 divides the z-loss coefficient by the TP x CP size and, with per-token
         # losses, scales the term by the rank-local token count although its gradient is summed
         # over TP: net 1/TP too weak. Pre-multiplying by TP gives the TP=1 gradient.

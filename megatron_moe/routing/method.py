@@ -35,6 +35,7 @@ class RoutingMethod:
     mixtral_mismatch = ""  # why a Mixtral export cannot express the routing ("" = it can)
     duplicates_batch = False  # THOR trains on [x; x]
     slimmable = False  # one checkpoint evaluates at any k (context.eval_topk): SMoE-Dropout
+    megatron_router_options = False  # megatron's TopKRouter: sigmoid, expert bias, seq/global aux
     log_fields: tuple = ()  # (key, format) pairs this method adds to the log line
 
     # -- build ---------------------------------------------------------------------------------
@@ -54,9 +55,13 @@ class RoutingMethod:
         """megatron's TransformerConfig fields for this method's routing."""
         k, coeff = self.megatron_topk(moe), self.aux_loss_coeff(moe)
         return dict(moe_router_topk=k,
-                    moe_router_pre_softmax=k == 1,  # megatron requires it for top-1
-                    moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
-                    moe_aux_loss_coeff=coeff)
+                    # megatron requires it for top-1 softmax routing
+                    moe_router_pre_softmax=k == 1 and moe.score_function == "softmax",
+                    moe_router_load_balancing_type=moe.load_balancing if coeff > 0 else "none",
+                    moe_aux_loss_coeff=coeff,
+                    moe_router_score_function=moe.score_function,
+                    moe_router_enable_expert_bias=moe.expert_bias,
+                    moe_router_bias_update_rate=moe.expert_bias_update_rate)
 
     def check_settings(self, cfg) -> None:
         """ConfigError for a bad value in this method's own config sub-section (checked whichever
@@ -67,6 +72,17 @@ class RoutingMethod:
         if cfg.moe.gating_dropout.p > 0 and not self.has_gate:
             raise ConfigError(f"moe.gating_dropout.p ({cfg.moe.gating_dropout.p}) applies to a "
                               f"learned gate; moe.router {self.name!r} has none")
+        moe = cfg.moe
+        if not self.megatron_router_options:  # our own router classes: softmax and aux_loss only
+            for path, value, default in (("moe.score_function", moe.score_function, "softmax"),
+                                         ("moe.expert_bias", moe.expert_bias, False)):
+                if value != default:
+                    raise ConfigError(f"{path} ({value!r}) needs megatron's router (moe.router "
+                                      f"topk), not {self.name!r}")
+            if moe.load_balancing not in ("aux_loss", "none"):
+                raise ConfigError(f"moe.load_balancing ({moe.load_balancing!r}) needs megatron's "
+                                  f"router (moe.router topk); {self.name!r} balances per "
+                                  f"micro-batch (aux_loss) or not at all (none)")
         if cfg.moe.capacity_factor is not None and (self.dropless_only or self.pairs_vary):
             raise ConfigError(f"moe.capacity_factor ({cfg.moe.capacity_factor}) is not supported "
                               f"with moe.router {self.name!r} (dropless only)")

@@ -45,6 +45,7 @@ class TopKMethod(RoutingMethod):
     name = "topk"
     router = TopKRouter
     summary = "megatron-core's TopKRouter (softmax, top-k, load-balancing loss): the baseline"
+    megatron_router_options = True
 
     def router_builder(self, cfg, context):
         return TopKRouter  # reads nothing from the context

@@ -65,7 +65,8 @@ def interval_values(run: Run, steps: int, microbatches: int,
     rank calls it on the same steps). Returns (log-line values, per-layer TensorBoard values)."""
     aux = moe_aux_losses(run.cfg, run.tconfig, microbatches)
     routing, per_layer = routing_metrics(run.cfg, run.method, run.context.reset_stats(), steps)
-    names = {"load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
+    names = {"load_balancing_loss": "aux_loss", "seq_load_balancing_loss": "aux_loss",
+             "global_load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
     values = {**{names[k]: v for k, v in aux.items()}, **routing}
     if throughput is not None:
         values.update(throughput.interval(routing.get("experts_per_token", run.cfg.moe.topk)))

@@ -21,8 +21,10 @@ def moe_aux_losses(cfg: Config, tconfig, num_microbatches: int) -> dict[str, flo
     megatron's tracker sums every micro-batch's value until read; ``num_microbatches`` is the
     number of micro-batches since the last call (all steps of the log interval)."""
     names = []
-    if tconfig.moe_aux_loss_coeff > 0:
-        names.append("load_balancing_loss")
+    balancing = tconfig.moe_router_load_balancing_type
+    if tconfig.moe_aux_loss_coeff > 0 and balancing != "none":
+        names.append({"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                      "global_aux_loss": "global_load_balancing_loss"}[balancing])
     if cfg.moe.z_loss_coeff:
         names.append("z_loss")
     if not names:

@@ -11,6 +11,7 @@ length, f / f_e the dense / expert FFN width (SwiGLU: three matrices), E experts
     attention scores        2 S q (Q K^T) + 2 S q (P V)     per layer (no causal halving, as Megatron)
     dense MLP               2 * 3 h f                        per dense layer
     MoE MLP                 k * 2 * 3 h f_e + 2 h E          per MoE layer (experts + router)
+                            + 2 * 3 h f_s (+ 2 h gate)       shared experts of total width f_s
     output logits           2 h V                            once (tied or not: the same matmul)
 
 The embedding lookup costs no FLOPs. MFU divides TFLOP/s per device by the device's dense bf16 peak
@@ -50,10 +51,12 @@ def forward_flops(cfg: Config, vocab_size: int) -> FlopCounts:
     q, g = heads * d, (m.num_query_groups or heads) * d
     pattern = moe_layer_pattern(m)
     moe_layers, dense_layers = sum(pattern), len(pattern) - sum(pattern)
-    f_expert = m.ffn_hidden_size  # the experts' width (moe_ffn_hidden_size = ffn_hidden_size)
+    f_expert = moe.ffn_hidden_size or m.ffn_hidden_size
+    shared = (2 * 3 * h * moe.shared_expert_ffn_hidden_size + 2 * h * moe.shared_expert_gate
+              if moe.shared_expert_ffn_hidden_size else 0)  # every token, with its gate
     per_token = (m.num_layers * (2 * h * (q + 2 * g) + 2 * q * h)
                  + dense_layers * 2 * 3 * h * m.ffn_hidden_size
-                 + moe_layers * 2 * h * moe.num_experts  # router
+                 + moe_layers * (2 * h * moe.num_experts + shared)  # router, shared experts
                  + 2 * h * vocab_size)
     return FlopCounts(per_token=float(per_token), per_token_per_seq=float(m.num_layers * 4 * q),
                       per_pair=float(moe_layers * 2 * 3 * h * f_expert))

@@ -59,6 +59,28 @@ def test_bad_keys_and_types(override, message):
     (["moe.thor.granularity=layer"], 1,  # another method's section: checked all the same
      r"moe\.thor\.granularity \('layer'\) must be one of: batch, sequence, token"),
     (["moe.router=thor", "moe.capacity_factor=1.0"], 1, r"moe\.capacity_factor \(1\.0\)"),
+    (["model.dropout=1.0"], 1, r"model\.dropout \(1\.0\) must be in \[0, 1\)"),
+    (["train.label_smoothing=-0.1"], 1, r"train\.label_smoothing \(-0\.1\) must be in \[0, 1\)"),
+    (["train.budget_schedule=shrink"], 1, r"train\.budget_schedule \('shrink'\) must be one of"),
+    (["train.budget_timing_steps=0"], 1, r"train\.budget_timing_steps \(0\) must be positive"),
+    (["moe.load_balancing=sinkhorn"], 1, r"moe\.load_balancing \('sinkhorn'\) must be one of: "
+                                          r"aux_loss, global_aux_loss, none, seq_aux_loss"),
+    (["moe.score_function=tanh"], 1, r"moe\.score_function \('tanh'\) must be one of"),
+    (["moe.expert_bias=true"], 1, r"moe\.expert_bias \(true\) needs moe\.score_function sigmoid"),
+    (["moe.score_function=sigmoid", "moe.expert_bias=true", "moe.expert_bias_update_rate=0"], 1,
+     r"moe\.expert_bias_update_rate \(0\.0\) must be positive"),
+    (["moe.router=adaptive", "moe.score_function=sigmoid"], 1,
+     r"moe\.score_function \('sigmoid'\) needs megatron's router \(moe\.router topk\)"),
+    (["moe.router=smoe_dropout", "moe.load_balancing=seq_aux_loss"], 1,
+     r"moe\.load_balancing \('seq_aux_loss'\) needs megatron's router"),
+    (["moe.pad_to_capacity=true"], 1, r"moe\.pad_to_capacity \(true\) needs moe\.capacity_factor"),
+    (["moe.capacity_factor=0"], 1, r"moe\.capacity_factor \(0\.0\) must be positive"),
+    (["moe.drop_policy=random"], 1, r"moe\.drop_policy \('random'\) must be one of: position, probs"),
+    (["moe.ffn_hidden_size=0"], 1, r"moe\.ffn_hidden_size \(0\) must be positive"),
+    (["moe.shared_expert_gate=true"], 1,
+     r"moe\.shared_expert_gate \(true\) needs moe\.shared_expert_ffn_hidden_size"),
+    (["moe.shared_expert_ffn_hidden_size=64", "moe.shared_expert_overlap=true",
+      "moe.dispatcher=allgather"], 1, r"moe\.shared_expert_overlap \(true\) needs moe\.dispatcher"),
 ])
 def test_validation_names_fields_and_values(overrides, world, message):
     cfg = load_config(DEBUG_CONFIG, overrides)

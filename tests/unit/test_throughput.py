@@ -13,7 +13,8 @@ def _matmul(m, k, n):
     return 2 * m * k * n
 
 
-def _hand_count(B, S, h, heads, groups, ffn, E, k, V, layers):
+def _hand_count(B, S, h, heads, groups, ffn, E, k, V, layers, expert_ffn=None, shared=0,
+                gate=False):
     """Forward FLOPs of B sequences of S tokens, one matmul at a time."""
     T, d = B * S, h // heads
     total = 0
@@ -25,7 +26,10 @@ def _hand_count(B, S, h, heads, groups, ffn, E, k, V, layers):
             total += 2 * _matmul(T, h, ffn) + _matmul(T, ffn, h)  # SwiGLU gate, up, down
         else:
             total += _matmul(T, h, E)  # router
-            total += T * k * (2 * _matmul(1, h, ffn) + _matmul(1, ffn, h))  # k experts per token
+            f = expert_ffn or ffn
+            total += T * k * (2 * _matmul(1, h, f) + _matmul(1, f, h))  # k experts per token
+            if shared:  # shared experts see every token; their gate is one output
+                total += 2 * _matmul(T, h, shared) + _matmul(T, shared, h) + gate * _matmul(T, h, 1)
     return total + _matmul(T, h, V)  # output logits
 
 
@@ -41,6 +45,17 @@ def test_flop_count_equals_a_hand_count(tied, k):
     counts = forward_flops(cfg, V)
     got = train_flops(counts, tokens=B * S, tokens_x_seq=B * S * S, pairs_per_token=k)
     want = 3 * _hand_count(B, S, 8, 2, 1, 16, 4, k, V, ["moe", "dense"])
+    assert got == want
+
+
+def test_flop_count_with_fine_grained_and_shared_experts():
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=8",
+                             "model.num_attention_heads=2", "model.ffn_hidden_size=16",
+                             "moe.num_experts=8", "moe.topk=2", "moe.ffn_hidden_size=4",
+                             "moe.shared_expert_ffn_hidden_size=12", "moe.shared_expert_gate=true"])
+    got = train_flops(forward_flops(cfg, 32), tokens=12, tokens_x_seq=12 * 6, pairs_per_token=2)
+    want = 3 * _hand_count(2, 6, 8, 2, 2, 16, 8, 2, 32, ["moe", "moe"], expert_ffn=4, shared=12,
+                           gate=True)
     assert got == want
 
 
