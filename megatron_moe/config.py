@@ -45,6 +45,8 @@ class ModelConfig:
     moe_layer_freq: Union[int, list] = 1  # 1 = every layer MoE; N = every Nth; list of 0/1 per layer
     share_embeddings: bool = False  # tie input embedding and output layer (Mixtral: untied)
     recompute: str = "none"  # activation recomputation: none | full | selective
+    recompute_modules: list = field(default_factory=lambda: ["core_attn"])  # selective: megatron's
+    #     modules to recompute: core_attn, mlp, moe, moe_act (grouped GEMM), layernorm, shared_experts
     vocab_size: Optional[int] = None  # None = the tokenizer's size; padded for TP either way
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (divisible by TP)
     dropout: float = 0.0  # dropout on hidden states and attention probabilities (training only)
@@ -100,6 +102,8 @@ class MoEConfig:
     shared_expert_overlap: bool = False  # overlap shared experts with the dispatch (alltoall)
     capacity_factor: Optional[float] = None  # None = dropless
     pad_to_capacity: bool = False  # with capacity_factor: pad every expert's input to capacity
+    permute_fusion: bool = False  # TransformerEngine's fused token permutation (TE + CUDA only)
+    router_fusion: bool = False  # TransformerEngine's fused router top-k/softmax (TE + CUDA only)
     drop_policy: str = "probs"  # with capacity_factor: drop the lowest-probability tokens (probs)
     #                             or the last ones in order (position)
     grouped_gemm: bool = False  # grouped GEMM experts (needs TransformerEngine/CUDA)
@@ -119,6 +123,7 @@ class ParallelConfig:
     sequence_parallel: Optional[bool] = None  # None = on when tp > 1 (MoE with TP requires it)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap DDP gradient reduction with backward
+    distributed_timeout_minutes: float = 10.0  # a collective waiting longer than this fails
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,8 @@ class TrainConfig:
     budget_timing_steps: int = 20  # fit: steps timed (after 5 warm-up steps) to size the run
     bleu_interval: int = 0  # translation: BLEU on the first bleu_pairs valid pairs every N steps
     bleu_pairs: int = 200
+    manual_gc_interval: int = 0  # >0: Python's GC off, one collection every N steps on all ranks
+    #                              at once (Megatron's --manual-gc: no rank stalls the others)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,14 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice("moe.router", moe.router, METHODS)
     _choice("moe.dispatcher", moe.dispatcher, DISPATCHERS)
     _choice("model.recompute", m.recompute, ("none", "full", "selective"))
+    for module in m.recompute_modules:
+        _choice("model.recompute_modules", module, RECOMPUTE_MODULES)
+    if m.recompute == "selective":
+        _check_recompute_modules(cfg)
+    if t.manual_gc_interval < 0 or cfg.parallel.distributed_timeout_minutes <= 0:
+        raise ConfigError(f"train.manual_gc_interval ({t.manual_gc_interval}) must be >= 0 and "
+                          f"parallel.distributed_timeout_minutes "
+                          f"({cfg.parallel.distributed_timeout_minutes}) positive")
     _choice("train.lr_decay", t.lr_decay, ("constant", "linear", "cosine"))
     _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
     _choice("train.budget_schedule", t.budget_schedule, ("fit", "stop"))
@@ -104,7 +112,19 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_parallel(cfg, world_size, groups)
 
 
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "shared_experts")  # megatron
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # megatron's names
+
+
+def _check_recompute_modules(cfg: Config) -> None:
+    from megatron_moe.model.spec import transformer_engine_usable
+
+    modules = cfg.model.recompute_modules
+    if "moe_act" in modules and not cfg.moe.grouped_gemm:
+        raise ConfigError("model.recompute_modules moe_act needs moe.grouped_gemm (megatron)")
+    if "layernorm" in modules and not transformer_engine_usable():
+        raise ConfigError("model.recompute_modules layernorm needs TransformerEngine on a CUDA "
+                          "device (megatron's output-discarding checkpoint)")
 
 
 def _validate_routing(cfg: Config) -> None:
@@ -133,6 +153,10 @@ def _validate_routing(cfg: Config) -> None:
                         ("moe.shared_expert_overlap", moe.shared_expert_overlap)):
         if value and not shared:
             raise ConfigError(f"{path} (true) needs moe.shared_expert_ffn_hidden_size")
+    if (moe.shared_expert_overlap and cfg.model.recompute == "selective"
+            and "shared_experts" in cfg.model.recompute_modules):
+        raise ConfigError("model.recompute_modules shared_experts cannot recompute overlapped "
+                          "shared experts (moe.shared_expert_overlap true)")
     if moe.shared_expert_overlap and moe.dispatcher != "alltoall":
         raise ConfigError(f"moe.shared_expert_overlap (true) needs moe.dispatcher alltoall "
                           f"(not {moe.dispatcher!r})")
@@ -152,8 +176,16 @@ def _validate_routing(cfg: Config) -> None:
 
 def warnings_for(cfg: Config) -> list[str]:
     """Settings that are valid but do nothing in this layout (printed once at start-up)."""
+    from megatron_moe.model.spec import transformer_engine_usable
+
     gd = cfg.moe.gating_dropout
     notes = []
+    if cfg.model.recompute != "selective" and list(cfg.model.recompute_modules) != ["core_attn"]:
+        notes.append(f"model.recompute_modules ({cfg.model.recompute_modules}) applies to "
+                     f"model.recompute selective, not {cfg.model.recompute!r}: ignored")
+    for key in ("permute_fusion", "router_fusion"):
+        if getattr(cfg.moe, key) and not transformer_engine_usable():
+            notes.append(f"moe.{key} needs TransformerEngine on a CUDA device: ignored here")
     if gd.p > 0 and gd.mode == "gate_drop" and cfg.parallel.ep == 1:
         notes.append(f"moe.gating_dropout.mode gate_drop with parallel.ep 1: every expert is "
                      f"local, so the p = {gd.p} dropped layer-calls route exactly as undropped "

@@ -18,6 +18,12 @@ case "$DEVICE" in
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     # InfiniBand retry timeout (4.096 us * 2^22 ~ 17 s): survives a short fabric hiccup on big jobs
     export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+    # the caching allocator grows segments instead of carving fixed blocks: less fragmentation
+    # with MoE's variable token counts per expert (Megatron-LM's recommended setting)
+    export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    # async NCCL collectives hold their tensors until the collective ends instead of
+    # recordStream, which delays freeing memory to the next sync (torch's and Megatron's advice)
+    export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
     # If NCCL picks the wrong network interface (docker0, lo), name the right one, e.g.:
     # export NCCL_SOCKET_IFNAME=ib0
     ;;

@@ -13,7 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe.config import Config, moe_layer_pattern
-from megatron_moe.model.spec import decoder_block_spec
+from megatron_moe.model.spec import decoder_block_spec, transformer_engine_usable
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.routing.registry import routing_method
 from megatron_moe.runtime.cpu_support import cuda_available
@@ -33,11 +33,11 @@ def padded_vocab_size(cfg: Config, vocab_size: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def _recompute_kwargs(mode: str) -> dict:
-    if mode == "full":
+def _recompute_kwargs(m) -> dict:
+    if m.recompute == "full":
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    if mode == "selective":
-        return dict(recompute_granularity="selective")
+    if m.recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(m.recompute_modules))
     return {}
 
 
@@ -74,6 +74,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_shared_expert_overlap=moe.shared_expert_overlap,
         moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
         moe_token_drop_policy=moe.drop_policy,
+        # TransformerEngine kernels: only where TE runs (validation warns otherwise)
+        moe_permute_fusion=moe.permute_fusion and transformer_engine_usable(),
+        moe_router_fusion=moe.router_fusion and transformer_engine_usable(),
         moe_layer_freq=moe_layer_pattern(m),
         moe_token_dispatcher_type=moe.dispatcher,
         **routing_method(cfg).megatron_settings(moe),  # top-k, scores, load balancing, bias
@@ -95,7 +98,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         calculate_per_token_loss=True,
-        **_recompute_kwargs(m.recompute),
+        **_recompute_kwargs(m),
     )
 
 

@@ -92,6 +92,14 @@ class ThorMethod(RoutingMethod):
         if thor.alpha < 0:
             raise ConfigError(f"moe.thor.alpha ({thor.alpha}) must be >= 0")
 
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        m = cfg.model
+        if m.recompute == "selective" and "moe" in m.recompute_modules:
+            raise ConfigError("model.recompute_modules moe with moe.router thor: the recomputed "
+                              "MoE layer would draw other random experts; use model.recompute "
+                              "full (its replay keeps the draws) or leave moe out")
+
     def loss_function(self, cfg, vocab_size: int):
         from functools import partial
 

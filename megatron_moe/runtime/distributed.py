@@ -77,7 +77,9 @@ def init_distributed(cfg: Config, env: LaunchEnv) -> None:
             rendezvous = {"init_method": f"tcp://{env.master_addr}:{env.master_port}"}
         dist.init_process_group(backend=distributed_backend(), rank=env.rank,
                                 world_size=env.world_size,
-                                timeout=datetime.timedelta(minutes=10), **rendezvous)
+                                timeout=datetime.timedelta(
+                                    minutes=cfg.parallel.distributed_timeout_minutes),
+                                **rendezvous)
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -123,8 +124,12 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     if cfg.checkpoint.async_save and cfg.checkpoint.save:
         saves = BackgroundSaves(lambda path, seconds: logger.note(
             f"saved checkpoint {path} (written in the background, {seconds:.1f}s)"))
+    if cfg.train.manual_gc_interval:  # collections at the same step on every rank
+        gc.disable()
+        gc.collect()
     with StopRequest() as stop:
         losses, done, signalled = _steps(run, logger, start, clock, stop, saves)
+    gc.enable()
     if saves is not None:  # the last save is published before the run ends
         saves.finish(blocking=True)
     if not signalled:  # a stopped job leaves quickly: the time limit is near
@@ -154,6 +159,8 @@ def _steps(run: Run, logger: MetricsLogger, start: int, clock: BudgetClock, stop
         pending_steps, pending_microbatches = (pending_steps + 1,
                                                pending_microbatches + values.pop("microbatches"))
         throughput.add(*values.pop("processed"), values["step_time_s"])
+        if cfg.train.manual_gc_interval and done % cfg.train.manual_gc_interval == 0:
+            gc.collect()
         fitted = clock.step_done(done)  # with a budget: the run's length, once timed
         if fitted:
             resize_schedules(run, clock.total_steps)

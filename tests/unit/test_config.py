@@ -81,6 +81,16 @@ def test_bad_keys_and_types(override, message):
      r"moe\.shared_expert_gate \(true\) needs moe\.shared_expert_ffn_hidden_size"),
     (["moe.shared_expert_ffn_hidden_size=64", "moe.shared_expert_overlap=true",
       "moe.dispatcher=allgather"], 1, r"moe\.shared_expert_overlap \(true\) needs moe\.dispatcher"),
+    (["model.recompute_modules=[core_attn, attention]"], 1,
+     r"model\.recompute_modules \('attention'\) must be one of: core_attn, layernorm, mlp"),
+    (["model.recompute=selective", "model.recompute_modules=[moe_act]"], 1,
+     r"model\.recompute_modules moe_act needs moe\.grouped_gemm"),
+    (["model.recompute=selective", "model.recompute_modules=[layernorm]"], 1,
+     r"model\.recompute_modules layernorm needs TransformerEngine"),
+    (["moe.router=thor", "model.recompute=selective", "model.recompute_modules=[core_attn, moe]"], 1,
+     r"model\.recompute_modules moe with moe\.router thor"),
+    (["train.manual_gc_interval=-1"], 1, r"train\.manual_gc_interval \(-1\) must be >= 0"),
+    (["parallel.distributed_timeout_minutes=0"], 1, r"parallel\.distributed_timeout_minutes \(0\.0\)"),
 ])
 def test_validation_names_fields_and_values(overrides, world, message):
     cfg = load_config(DEBUG_CONFIG, overrides)
