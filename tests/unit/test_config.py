@@ -5,7 +5,7 @@ import pytest
 
 from megatron_moe.config import ConfigError, load_config
 from megatron_moe.validation import validate
-from tests.conftest import DEBUG_CONFIG
+from tests.conftest import DEBUG_CONFIG, REPO
 
 
 def test_yaml_and_overrides_are_typed():
@@ -143,3 +143,22 @@ def test_config_is_frozen_after_loading():
         cfg.moe.gating_dropout.p = 0.5
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train = None
+
+
+@pytest.mark.parametrize("name, world", [("gpu_moe_2b.yaml", 1), ("mixtral_8x7b_64gpu.yaml", 64)])
+def test_gpu_configs_validate_at_their_world_size(name, world):
+    """The GPU configs pass validation at the world size they are written for; their size is what
+    their comments say (total and active parameters, from the FLOP counter's weights)."""
+    from megatron_moe.validation import validate
+
+    # grouped GEMM needs TransformerEngine, which CPU machines lack: everything else is checked
+    cfg = load_config(str(REPO / "examples" / "configs" / name), ["moe.grouped_gemm=false"])
+    validate(cfg, world)
+    m, moe = cfg.model, cfg.moe
+    d = m.hidden_size // m.num_attention_heads
+    attention = m.hidden_size * d * (m.num_attention_heads * 2 + m.num_query_groups * 2)
+    expert = 3 * m.hidden_size * m.ffn_hidden_size
+    total = m.num_layers * (attention + moe.num_experts * expert) + 2 * 32000 * m.hidden_size
+    active = m.num_layers * (attention + moe.topk * expert) + 2 * 32000 * m.hidden_size
+    want = {"gpu_moe_2b.yaml": (1.9e9, 0.7e9), "mixtral_8x7b_64gpu.yaml": (46.7e9, 12.9e9)}[name]
+    assert total == pytest.approx(want[0], rel=0.03) and active == pytest.approx(want[1], rel=0.05)
