@@ -17,7 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_moe.config import Config
-from megatron_moe.runtime.cpu_support import apply_cpu_support, cuda_available, distributed_backend
+from megatron_moe.runtime.cpu_support import (apply_cpu_support, compute_device, cuda_available,
+                                              distributed_backend)
 from megatron_moe.runtime.te_fallback import apply_te_fallbacks
 
 
@@ -95,6 +96,16 @@ def shutdown_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def max_over_ranks(value: float) -> float:
+    """Collective: the largest ``value`` over all ranks (float64), e.g. so every rank takes the
+    same decision from its own clock."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=compute_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def is_main_rank() -> bool:

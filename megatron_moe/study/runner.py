@@ -145,7 +145,7 @@ class StudyRunner:
         result, eval_cmds, sweep = self.evaluate(run, seed, run_dir)
         out.mkdir(parents=True, exist_ok=True)
         rows = compact_curve(run_dir / "metrics.jsonl")
-        record = {"run": run.name, "label": run.label, "seed": seed,
+        record = {"run": run.name, "label": run.label, "seed": seed, "commit": _commit(),
                   "commands": [_display(train_cmd, self.plan)]
                   + [_display(c, self.plan) for c in eval_cmds],
                   "summary": summarize(run_dir / "metrics.jsonl"),
@@ -174,6 +174,18 @@ def _display(cmd: list[str], plan: Plan) -> str:
     prefix = (["torchrun", f"--nproc_per_node={plan.nproc}"] if plan.nproc > 1 else ["python"])
     rest = cmd[len(_launcher(plan)):]
     return f"OMP_NUM_THREADS={plan.threads} " + shlex.join(prefix + rest)
+
+
+def _commit() -> str:
+    """The code's git commit (and whether the work tree had changes), or "unknown"."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (modified)" if dirty else "")
 
 
 def _write(path: Path, text: str) -> None:

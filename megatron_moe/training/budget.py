@@ -25,11 +25,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
 from megatron_moe.config import Config
-from megatron_moe.runtime.cpu_support import compute_device
+from megatron_moe.runtime.distributed import max_over_ranks
 
 WARMUP_STEPS = 5  # steps of each process not timed: the first steps run slow (allocation, caches)
 
@@ -82,7 +79,7 @@ class BudgetClock:
             return None
         per_step = (self.elapsed() - self._mark) / self.timing_steps
         remaining = self.budget_s - self.elapsed()
-        fitted = _agreed_max(done + max(int(remaining / per_step), 1))  # ranks' clocks differ
+        fitted = int(max_over_ranks(done + max(int(remaining / per_step), 1)))  # clocks differ
         self.total_steps, self.fitted = max(min(fitted, self.max_steps), done + 1), True
         capped = " (capped by train.steps)" if fitted > self.max_steps else ""
         return (f"budget: {self.timing_steps} steps took {per_step:.3f}s each; the schedules now "
@@ -90,21 +87,15 @@ class BudgetClock:
                 f"budget left")
 
     def state(self) -> dict:
+        """What a checkpoint keeps (collective: every rank saves the slowest rank's time, so the
+        checkpoint's common state is the same on every rank)."""
         return {"total_steps": self.total_steps, "fitted": self.fitted,
-                "train_seconds": self.elapsed()}
+                "train_seconds": max_over_ranks(self.elapsed())}
 
     def restore(self, state: dict) -> None:
         self.prior_s = float(state.get("train_seconds", 0.0))
         if state.get("fitted"):
             self.total_steps, self.fitted = int(state["total_steps"]), True
-
-
-def _agreed_max(n: int) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return n
-    t = torch.tensor([n], dtype=torch.int64, device=compute_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def resize_schedules(run, total_steps: int) -> None:

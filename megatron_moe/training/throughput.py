@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_moe.config import Config, moe_layer_pattern
-from megatron_moe.runtime.cpu_support import compute_device, cuda_available
+from megatron_moe.runtime.cpu_support import cuda_available
+from megatron_moe.runtime.distributed import max_over_ranks
 
 # dense bf16 Tensor Core peak per GPU, TFLOP/s (NVIDIA datasheets; SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -84,15 +84,6 @@ def peak_memory_gib() -> float:
     if cuda_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def max_over_ranks(value: float) -> float:
-    """Collective (log steps only): the largest value over all ranks."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=compute_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 @dataclass
