@@ -17,7 +17,7 @@ from tests.conftest import (DEBUG_CONFIG, check, cli, cli_args, kill_session, la
 
 pytestmark = pytest.mark.integration
 
-COMMON = ["train.steps=100000", "train.time_budget_minutes=0.25", "train.budget_timing_steps=5",
+COMMON = ["train.steps=100000", "train.time_budget_minutes=0.15", "train.budget_timing_steps=5",
           "train.warmup_steps=5", "moe.router=smoe_dropout", "moe.smoe_dropout.k_min=1",
           "logging.interval=5", "checkpoint.interval=10", "train.eval_interval=40"]
 FITTED = re.compile(r"the schedules now end at step (\d+)")

@@ -1,13 +1,13 @@
-"""Tier: unit. tools/comm_model.py: calibration recovers the parameters that generated synthetic
+"""Tier: unit. The comm model (megatron_moe/study/calibration.py, projection.py; CLI
+tools/comm_model.py): calibration recovers the parameters that generated synthetic
 step times, the Mixtral-8x7B projection counts the right bytes and FLOPs and its step-time ratio
 is 1 at p = 0 and falls with p, and on the committed gloo bench (EP=2) a fit at p = 0 and 0.5
 predicts the measured p = 0.3 step-time ratio within 10%."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,11 +18,11 @@ BENCH = REPO / "docs" / "results" / "comm_model" / "bench_ep2.json"
 
 @pytest.fixture(scope="module")
 def cm():
-    spec = importlib.util.spec_from_file_location("comm_model", REPO / "tools" / "comm_model.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comm_model"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    """The model's API: megatron_moe.study.calibration and .projection (tools/comm_model.py is
+    their command line)."""
+    from megatron_moe.study import calibration, projection
+
+    return SimpleNamespace(**{**vars(calibration), **vars(projection)})
 
 
 def _synthetic(cm, compute, latency, bandwidth):
