@@ -1,0 +1,28 @@
+"""Tier: unit (static). The package metadata is the one truth about dependencies: requirements.txt
+pins exactly pyproject's dependencies plus its tensorboard and plots extras, and
+requirements-test.txt adds exactly its test extra, each at the same version."""
+
+import tomllib
+
+from tests.conftest import REPO
+
+
+def _pins(lines) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-r"):
+            name, sep, version = line.partition("==")
+            assert sep, f"{line!r} is not pinned with =="
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_requirement_files_follow_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    runtime = _pins(project["dependencies"] + extras["tensorboard"] + extras["plots"])
+    assert _pins((REPO / "requirements.txt").read_text().splitlines()) == runtime
+    test_lines = (REPO / "requirements-test.txt").read_text().splitlines()
+    assert "-r requirements.txt" in test_lines
+    assert _pins(test_lines) == _pins(extras["test"])
