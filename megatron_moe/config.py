@@ -183,6 +183,7 @@ class CheckpointConfig:
     load: Optional[str] = None  # directory to load from (None = fresh start)
     interval: int = 0  # save every N steps (0 = only at the end when save is set)
     load_optimizer: bool = True  # also restore optimizer state (under any layout)
+    finetune: bool = False  # load the weights only: step 0, fresh optimizer, schedule and data
     keep_last: int = 0  # keep only the newest N checkpoints in checkpoint.save (0 = keep all)
     async_save: bool = False  # write the saves in a background process while training goes on
 

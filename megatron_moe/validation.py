@@ -7,6 +7,7 @@ of the first violated constraint.
 from __future__ import annotations
 
 import math
+import os
 
 from megatron_moe.config import (Config, ConfigError, check_choice, data_parallel_size,
                                  moe_layer_pattern)
@@ -108,6 +109,14 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"checkpoint.interval ({cfg.checkpoint.interval}), checkpoint.keep_last "
                           f"({cfg.checkpoint.keep_last}) and train.eval_interval "
                           f"({t.eval_interval}) must be >= 0")
+    ckpt = cfg.checkpoint
+    if ckpt.finetune and not ckpt.load:
+        raise ConfigError("checkpoint.finetune (true) needs checkpoint.load (the weights to start "
+                          "from)")
+    if ckpt.finetune and ckpt.save and os.path.abspath(ckpt.save) == os.path.abspath(ckpt.load):
+        raise ConfigError(f"checkpoint.finetune: checkpoint.save ({ckpt.save}) must differ from "
+                          f"checkpoint.load ({ckpt.load}), or a restart could not tell the "
+                          f"fine-tuning run's checkpoints from the ones it started from")
     _validate_routing(cfg)
     _validate_parallel(cfg, world_size, groups)
 

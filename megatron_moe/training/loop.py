@@ -13,7 +13,7 @@ import time
 import torch
 
 from megatron_moe.checkpointing import BackgroundSaves, load_checkpoint, save_checkpoint
-from megatron_moe.checkpointing.store import check_writable
+from megatron_moe.checkpointing.store import check_writable, tracked_step
 from megatron_moe.config import Config
 from megatron_moe.runtime.children import tie_children_to_this_process
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
@@ -99,6 +99,36 @@ def periodic_bleu(run: Run) -> str:
     return f"valid BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f} on {len(pairs)} pairs"
 
 
+def _start(run: Run, logger: MetricsLogger, clock: BudgetClock, env: LaunchEnv) -> int:
+    """Load what ``checkpoint.load`` (or a stopped fine-tuning run's ``checkpoint.save``) holds;
+    return the step to start from.
+
+    ``checkpoint.finetune``: the weights only (under any layout); step 0 with a fresh optimizer,
+    schedule and data position. A fine-tuning run that was stopped and started again finds its
+    own checkpoints in ``checkpoint.save`` and resumes them instead of starting over."""
+    ckpt = run.cfg.checkpoint
+    load, finetune = ckpt.load, ckpt.finetune
+    if finetune and ckpt.save and tracked_step(ckpt.save) is not None:
+        logger.note(f"checkpoint.finetune: {ckpt.save} holds this fine-tuning run's checkpoints: "
+                    f"resuming them")
+        load, finetune = ckpt.save, False
+    if not load:
+        return 0
+    if finetune:
+        loaded = load_checkpoint(load, run.cfg, run.model)
+        logger.note(f"fine-tuning from {load} ({loaded.path.name}, {loaded.step} steps trained): "
+                    f"weights only, starting at step 0")
+        return 0
+    resumed = load_checkpoint(load, run.cfg, run.model, run.optimizer, run.scheduler)
+    use_fused_adam(run.optimizer)  # the loaded param_groups carry the saving run's flags
+    run.sample_offset = resumed.consumed_samples - resumed.step * run.cfg.train.global_batch_size
+    run.restore_extra(resumed.common, env.rank == 0)
+    clock.restore(resumed.common.get("budget", {}))
+    logger.note(f"resumed from {load} at step {resumed.step} ({resumed.path.name}, "
+                f"{resumed.consumed_samples} samples consumed)")
+    return resumed.step
+
+
 def train(cfg: Config, env: LaunchEnv) -> list[float]:
     """Train ``train.steps`` steps, or as many as fit ``train.time_budget_minutes`` (resuming from
     ``checkpoint.load``); return the step losses."""
@@ -108,17 +138,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
     run = setup_run(cfg, env, training=True)
     logger = MetricsLogger(cfg, is_main_rank(), method_fields=run.method.log_fields)
     clock = BudgetClock(cfg)
-    start = 0
-    if cfg.checkpoint.load:
-        resumed = load_checkpoint(cfg.checkpoint.load, cfg, run.model, run.optimizer,
-                                  run.scheduler)
-        use_fused_adam(run.optimizer)  # the loaded param_groups carry the saving run's flags
-        start = resumed.step
-        run.sample_offset = resumed.consumed_samples - start * cfg.train.global_batch_size
-        run.restore_extra(resumed.common, env.rank == 0)
-        clock.restore(resumed.common.get("budget", {}))
-        logger.note(f"resumed from {cfg.checkpoint.load} at step {start} ({resumed.path.name}, "
-                    f"{resumed.consumed_samples} samples consumed)")
+    start = _start(run, logger, clock, env)
     resize_schedules(run, clock.total_steps)
     saves = None
     if cfg.checkpoint.async_save and cfg.checkpoint.save:

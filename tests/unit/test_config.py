@@ -89,6 +89,9 @@ def test_bad_keys_and_types(override, message):
      r"model\.recompute_modules layernorm needs TransformerEngine"),
     (["moe.router=thor", "model.recompute=selective", "model.recompute_modules=[core_attn, moe]"], 1,
      r"model\.recompute_modules moe with moe\.router thor"),
+    (["checkpoint.finetune=true"], 1, r"checkpoint\.finetune \(true\) needs checkpoint\.load"),
+    (["checkpoint.finetune=true", "checkpoint.load=runs/a", "checkpoint.save=runs/a/"], 1,
+     r"checkpoint\.finetune: checkpoint\.save \(runs/a/\) must differ from checkpoint\.load"),
     (["train.manual_gc_interval=-1"], 1, r"train\.manual_gc_interval \(-1\) must be >= 0"),
     (["parallel.distributed_timeout_minutes=0"], 1, r"parallel\.distributed_timeout_minutes \(0\.0\)"),
 ])
