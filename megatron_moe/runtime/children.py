@@ -11,7 +11,9 @@ exits. :func:`tie_children_to_this_process` (called once per rank at start-up) s
 1. in every child this process *forks* (``os.register_at_fork``): megatron's writers;
 2. in the write-results manager, by starting it here (spawn context, as megatron does) with an
    initializer that sets it, and handing its queue to megatron, which creates it only when its
-   module-level queue is still unset.
+   module-level queue is still unset. Started at start-up, the manager is there when Slurm sends
+   a stop signal to every process of the step, so it ignores those signals (a Slurm test found
+   the manager killed by SIGUSR1 and the save it was asked for failing: "Connection refused").
 
 The signal follows the death of the *thread* that created the child; both are created by a
 rank's main thread, which lives as long as the rank. Elsewhere than Linux nothing changes.
@@ -38,6 +40,15 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def manager_init() -> None:
+    """The write-results manager: dies with its rank, and ignores the stop signals a scheduler
+    sends to every process of a job step (``scancel --signal=USR1``, srun forwarding SIGTERM):
+    the rank decides what they mean and still needs its manager for the save they ask for."""
+    die_with_parent()
+    for name in ("SIGUSR1", "SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 @functools.cache  # once per process
 def tie_children_to_this_process() -> bool:
     """Return whether the helpers are tied (Linux), see the module docstring."""
@@ -51,6 +62,6 @@ def tie_children_to_this_process() -> bool:
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=mp.get_context("spawn"))
-        manager.start(initializer=die_with_parent)
+        manager.start(initializer=manager_init)
         filesystem_async._results_queue = manager.Queue()  # its proxy keeps the manager alive
     return True
