@@ -35,27 +35,13 @@ VARIANTS = {"megatron": [], "topk": [], "thor": ["moe.router=thor"],
 
 
 def build_layer(cfg, stock: bool):
-    """Layer 1's MoE block as megatron builds it (``stock``) or as megatron_moe's spec does."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.spec_utils import build_module
-
-    from megatron_moe.model.build import transformer_config
-    from megatron_moe.model.spec import decoder_block_spec, transformer_engine_usable
+    """Layer 1's MoE block, stock megatron-core's or megatron_moe's, on the compute device."""
+    from megatron_moe.model.build import build_moe_block, transformer_config
     from megatron_moe.routing.context import RoutingContext
-    from megatron_moe.routing.registry import routing_method
     from megatron_moe.runtime.cpu_support import compute_device
 
-    tconfig, context = transformer_config(cfg), RoutingContext(seed=cfg.train.seed)
-    if stock:
-        spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=transformer_engine_usable(),
-                                          normalization="RMSNorm")
-    else:
-        method = routing_method(cfg)
-        method.prepare_context(cfg, context)
-        spec = decoder_block_spec(tconfig, method.router_builder(cfg, context),
-                                  {"context": context, "moe_cfg": cfg.moe, "method": method})
-    layer = build_module(spec.layer_specs[0].submodules.mlp, config=tconfig)
-    layer.set_layer_number(1)
+    context = RoutingContext(seed=cfg.train.seed)
+    layer = build_moe_block(cfg, transformer_config(cfg), context, stock=stock)
     return layer.to(compute_device()).train(), context
 
 

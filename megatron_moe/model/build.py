@@ -147,3 +147,23 @@ def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int,
     )
     mark_expert_parameters(model)
     return model.to(compute_device())
+
+
+def build_moe_block(cfg: Config, tconfig: TransformerConfig, context: RoutingContext,
+                    stock: bool = False):
+    """Layer 1's MoE block alone, as our spec builds it, or (``stock``) megatron-core's own
+    ``MoELayer`` with its ``TopKRouter`` and dispatcher: for layer-level tests and benchmarks."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    if stock:
+        spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=transformer_engine_usable(),
+                                          normalization="RMSNorm")
+    else:
+        method = routing_method(cfg)
+        method.prepare_context(cfg, context)
+        spec = decoder_block_spec(tconfig, method.router_builder(cfg, context),
+                                  {"context": context, "moe_cfg": cfg.moe, "method": method})
+    layer = build_module(spec.layer_specs[0].submodules.mlp, config=tconfig)
+    layer.set_layer_number(1)
+    return layer

@@ -98,14 +98,19 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def max_over_ranks(value: float) -> float:
-    """Collective: the largest ``value`` over all ranks (float64), e.g. so every rank takes the
-    same decision from its own clock."""
+def maxima_over_ranks(values: list[float]) -> list[float]:
+    """Collective (one all-reduce): each value's largest over all ranks (float64), e.g. so every
+    rank takes the same decision from its own clock or signal flag."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=compute_device())
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=compute_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
+
+
+def max_over_ranks(value: float) -> float:
+    """Collective: the largest ``value`` over all ranks."""
+    return maxima_over_ranks([value])[0]
 
 
 def is_main_rank() -> bool:

@@ -22,6 +22,7 @@ warm-up does not depend on it); otherwise the few steps in between decayed towar
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -55,18 +56,14 @@ class BudgetClock:
     def out_of_time(self) -> bool:
         return self.budget_s is not None and self.elapsed() >= self.budget_s
 
+    @contextlib.contextmanager
     def pause(self):
-        """Context manager: time inside it (evaluation) does not count against the budget."""
-        clock = self
-
-        class _Paused:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock._paused_s += time.perf_counter() - self.t0
-
-        return _Paused()
+        """Time inside it (evaluation, saves) does not count against the budget."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_s += time.perf_counter() - started
 
     def step_done(self, done: int) -> Optional[str]:
         """Count a finished step; returns a log note when the total was fitted at this step."""

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
-from megatron_moe.runtime.cpu_support import compute_device
+from megatron_moe.runtime.distributed import maxima_over_ranks
 
 SIGNALS = ("SIGUSR1", "SIGTERM")
 
@@ -51,8 +48,4 @@ class StopRequest:
 def agree_any(*flags: bool) -> tuple[bool, ...]:
     """Each flag OR-ed over all ranks (one all-reduce MAX), so that every rank takes the same
     branch before a collective."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tuple(bool(f) for f in flags)
-    t = torch.tensor([float(f) for f in flags], device=compute_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
+    return tuple(v > 0 for v in maxima_over_ranks([float(f) for f in flags]))

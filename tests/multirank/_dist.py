@@ -80,26 +80,11 @@ def init(rank: int, world: int, overrides: list[str]):
 
 def build_moe_layer(cfg, context=None, megatron_plain: bool = False, tconfig=None):
     """One MoE layer (layer number 1) as our spec builds it, or megatron's own MoELayer."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.spec_utils import build_module
-
-    from megatron_moe.model.build import transformer_config
-    from megatron_moe.model.spec import decoder_block_spec
+    from megatron_moe.model.build import build_moe_block, transformer_config
     from megatron_moe.routing.context import RoutingContext
-    from megatron_moe.routing.registry import routing_method
 
-    tconfig = tconfig or transformer_config(cfg)
     context = context or RoutingContext(seed=cfg.train.seed)
-    if megatron_plain:
-        spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False,
-                                          normalization="RMSNorm")
-    else:
-        method = routing_method(cfg)
-        method.prepare_context(cfg, context)
-        spec = decoder_block_spec(tconfig, method.router_builder(cfg, context),
-                                  {"context": context, "moe_cfg": cfg.moe, "method": method})
-    layer = build_module(spec.layer_specs[0].submodules.mlp, config=tconfig)
-    layer.set_layer_number(1)
+    layer = build_moe_block(cfg, tconfig or transformer_config(cfg), context, stock=megatron_plain)
     return layer, context
 
 
