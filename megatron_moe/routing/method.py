@@ -99,6 +99,13 @@ class RoutingMethod:
         """Experts per token when every token uses the same number, else None."""
         return None if self.pairs_vary else self.megatron_topk(moe)
 
+    def scheduled_pairs(self, cfg, total_steps: int, step: int):
+        """Experts per token of training step ``step`` when the run ends at ``total_steps``, for
+        a method whose step cost follows a schedule sized to the run (SMoE-Dropout's growing k);
+        None: the cost does not change over the run. The budget fit re-times such a run once
+        (``training/budget.py``)."""
+        return None
+
     def loss_function(self, cfg, vocab_size: int):
         """A THOR-style loss on the duplicated batch, or None for the plain LM loss
         (``vocab_size``: the real vocabulary, for label smoothing)."""

@@ -68,6 +68,9 @@ class SMoEDropoutMethod(RoutingMethod):
     def start_step(self, cfg, context, step: int) -> None:
         context.topk = scheduled_topk(cfg.moe, context.total_steps or cfg.train.steps, step)
 
+    def scheduled_pairs(self, cfg, total_steps: int, step: int):
+        return scheduled_topk(cfg.moe, total_steps, step)
+
     def pairs_per_token(self, moe, context, training: bool):
         k = context.topk if training else context.eval_topk
         return k or self.megatron_topk(moe)

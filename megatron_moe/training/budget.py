@@ -18,24 +18,36 @@ run wherever it is (the earlier behaviour). The fit happens after step
 ``WARMUP_STEPS + budget_timing_steps``; when ``train.warmup_steps`` is at least that, the learning
 rate of every step equals that of a run configured with the fitted total from the start (the
 warm-up does not depend on it); otherwise the few steps in between decayed towards ``train.steps``.
+
+A method whose step cost follows a schedule sized to the run (SMoE-Dropout: k grows from k_min to
+k_max, and a step at k = 8 costs about 1.7x one at k = 2 on the study's CPU model) is timed at
+k_min only, so the first fit overestimates the steps that fit (the study's first SMoE run stopped
+at step 2875 of 3828, at k = 6 of 8). Such a run is fitted again once, at ``REFIT_AT`` of the way
+from the first fit to its end: the seconds of every timed step are regressed on the step's experts
+per token (``seconds = a + b * k``, b >= 0), and the total becomes the largest N for which the
+steps left, each at the k the schedule gives it when it ends at N, fit the remaining budget.
+The learning rate and k of the steps after the re-fit follow the schedules at the new total (the
+logged ``total_steps`` of each step says which); the re-fitted total is saved like the first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import max_over_ranks
 
 WARMUP_STEPS = 5  # steps of each process not timed: the first steps run slow (allocation, caches)
+REFIT_AT = 1 / 3  # a varying-cost run is re-fitted this far from the first fit to its end
+SchedulePairs = Callable[[int, int], Optional[float]]  # (total steps, step) -> experts per token
 
 
 class BudgetClock:
     """Training time against the budget, and the step count fitted to it."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, scheduled_pairs: Optional[SchedulePairs] = None):
         t = cfg.train
         self.budget_s: Optional[float] = t.time_budget_minutes * 60 if t.time_budget_minutes else None
         self.fit = self.budget_s is not None and t.budget_schedule == "fit"
@@ -48,6 +60,12 @@ class BudgetClock:
         self._paused_s = 0.0  # validation / BLEU time of this process
         self._steps_seen = 0
         self._mark: Optional[float] = None
+        # varying cost (RoutingMethod.scheduled_pairs): (experts per token, seconds) of each timed
+        # step, and the step of the one re-fit
+        self.pairs = scheduled_pairs if scheduled_pairs and scheduled_pairs(t.steps, 0) else None
+        self.refit_step: Optional[int] = None
+        self._samples: list[tuple[float, float]] = []
+        self._last: Optional[float] = None
 
     def elapsed(self) -> float:
         """Training seconds so far, over every resume of the run."""
@@ -66,33 +84,91 @@ class BudgetClock:
             self._paused_s += time.perf_counter() - started
 
     def step_done(self, done: int) -> Optional[str]:
-        """Count a finished step; returns a log note when the total was fitted at this step."""
-        if not self.fit or self.fitted:
+        """Count a finished step; returns a log note when the total was (re-)fitted at this step."""
+        if not self.fit:
             return None
+        now = self.elapsed()
         self._steps_seen += 1
+        if self.pairs is not None and self._steps_seen > WARMUP_STEPS:
+            self._samples.append((self.pairs(self.total_steps, done - 1), now - self._last))
+        self._last = now
+        if self.fitted:
+            return self._refit(done) if self.refit_step is not None and done == self.refit_step \
+                else None
         if self._steps_seen == WARMUP_STEPS:
-            self._mark = self.elapsed()
+            self._mark = now
         if self._steps_seen < WARMUP_STEPS + self.timing_steps:
             return None
-        per_step = (self.elapsed() - self._mark) / self.timing_steps
-        remaining = self.budget_s - self.elapsed()
+        per_step = (now - self._mark) / self.timing_steps
+        remaining = self.budget_s - now
         fitted = int(max_over_ranks(done + max(int(remaining / per_step), 1)))  # clocks differ
         self.total_steps, self.fitted = max(min(fitted, self.max_steps), done + 1), True
+        if self.pairs is not None:
+            self.refit_step = done + max(int((self.total_steps - done) * REFIT_AT), 1)
         capped = " (capped by train.steps)" if fitted > self.max_steps else ""
         return (f"budget: {self.timing_steps} steps took {per_step:.3f}s each; the schedules now "
                 f"end at step {self.total_steps}{capped}, {remaining:.0f}s of the {self.budget_s:.0f}s "
                 f"budget left")
 
+    def _refit(self, done: int) -> Optional[str]:
+        """The one re-fit of a varying-cost run (module docstring)."""
+        self.refit_step = None
+        cost = step_cost(self._samples)
+        if cost is None:  # no step timed in this process (resumed at the re-fit step)
+            return None
+        a, b = cost
+        remaining = self.budget_s - self.elapsed()
+        fitted = int(max_over_ranks(steps_that_fit(
+            lambda total, step: a + b * self.pairs(total, step), done, remaining, self.max_steps)))
+        self.total_steps = max(fitted, done + 1)
+        return (f"budget: re-timed at step {done} (seconds per step = {a:.3f} + {b:.4f} x experts "
+                f"per token, from {len(self._samples)} steps); the schedules now end at step "
+                f"{self.total_steps}, {remaining:.0f}s of the budget left")
+
     def state(self) -> dict:
         """What a checkpoint keeps (collective: every rank saves the slowest rank's time, so the
         checkpoint's common state is the same on every rank)."""
         return {"total_steps": self.total_steps, "fitted": self.fitted,
-                "train_seconds": max_over_ranks(self.elapsed())}
+                "refit_step": self.refit_step, "train_seconds": max_over_ranks(self.elapsed())}
 
     def restore(self, state: dict) -> None:
         self.prior_s = float(state.get("train_seconds", 0.0))
         if state.get("fitted"):
             self.total_steps, self.fitted = int(state["total_steps"]), True
+            self.refit_step = state.get("refit_step")  # None: re-fitted already (or never)
+
+
+def step_cost(samples: list[tuple[float, float]]) -> Optional[tuple[float, float]]:
+    """Least-squares (a, b) of seconds = a + b * pairs over (pairs, seconds) samples, with b >= 0
+    (a single pairs value, or a cost not growing with pairs, gives the mean cost and b = 0);
+    None without samples."""
+    n = len(samples)
+    if n == 0:
+        return None
+    mean_k, mean_t = sum(k for k, _ in samples) / n, sum(t for _, t in samples) / n
+    var_k = sum((k - mean_k) ** 2 for k, _ in samples)
+    b = sum((k - mean_k) * (t - mean_t) for k, t in samples) / var_k if var_k else 0.0
+    return (mean_t - b * mean_k, b) if b > 0 else (mean_t, 0.0)
+
+
+def steps_that_fit(seconds_at: Callable[[int, int], float], done: int, remaining: float,
+                   max_steps: int, samples: int = 2000) -> int:
+    """The largest total N (done < N <= max_steps) whose steps done .. N-1, each costing
+    ``seconds_at(N, step)``, fit in ``remaining`` seconds (at least done + 1). The sum over the
+    steps is estimated from at most ``samples`` evenly spaced steps."""
+    def cost(total: int) -> float:
+        count = total - done
+        stride = max(count // samples, 1)
+        picked = range(done, total, stride)
+        return sum(max(seconds_at(total, s), 0.0) for s in picked) * count / len(picked)
+
+    low, high = done + 1, max_steps
+    if cost(low) > remaining or cost(high) <= remaining:
+        return low if cost(low) > remaining else high
+    while high - low > 1:  # cost(low) fits, cost(high) does not
+        mid = (low + high) // 2
+        low, high = (mid, high) if cost(mid) <= remaining else (low, mid)
+    return low
 
 
 def resize_schedules(run, total_steps: int) -> None:

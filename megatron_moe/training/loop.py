@@ -137,7 +137,7 @@ def train(cfg: Config, env: LaunchEnv) -> list[float]:
         tie_children_to_this_process()  # megatron's checkpoint helpers die with this rank
     run = setup_run(cfg, env, training=True)
     logger = MetricsLogger(cfg, is_main_rank(), method_fields=run.method.log_fields)
-    clock = BudgetClock(cfg)
+    clock = BudgetClock(cfg, lambda total, step: run.method.scheduled_pairs(cfg, total, step))
     start = _start(run, logger, clock, env)
     resize_schedules(run, clock.total_steps)
     saves = None

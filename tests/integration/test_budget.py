@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 COMMON = ["train.steps=100000", "train.time_budget_minutes=0.15", "train.budget_timing_steps=5",
           "train.warmup_steps=5", "moe.router=smoe_dropout", "moe.smoe_dropout.k_min=1",
           "logging.interval=5", "checkpoint.interval=10", "train.eval_interval=40"]
-FITTED = re.compile(r"the schedules now end at step (\d+)")
+FITTED = re.compile(r"steps took .*the schedules now end at step (\d+)")
+REFITTED = re.compile(r"re-timed at step (\d+) .*the schedules now end at step (\d+)")
 
 
 def _expected_lr(step: int, total: int, lr=3e-3, min_lr=3e-4, warmup=5) -> float:
@@ -31,12 +32,19 @@ def _expected_lr(step: int, total: int, lr=3e-3, min_lr=3e-4, warmup=5) -> float
     return min_lr + (lr - min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
 
 
-def _check_schedules(rows, total, first_step):
+def _check_schedules(rows, total, first_step, refit=None):
+    """Every row from ``first_step``: LR and k of the schedules at ``total``, or after the re-fit
+    ``(step, new total)`` at the new total."""
     moe = load_config(DEBUG_CONFIG, COMMON).moe
     for row in rows:
-        if row["step"] >= first_step:
-            assert row["lr"] == pytest.approx(_expected_lr(row["step"], total), rel=1e-6), row
-            assert row["k"] == scheduled_topk(moe, total, row["step"] - 1), row
+        at = refit[1] if refit and row["step"] > refit[0] else total
+        if refit and row["step"] == refit[0]:  # ran on the old total, logs the new one
+            assert row["total_steps"] == refit[1] and row["k"] == scheduled_topk(
+                moe, total, row["step"] - 1), row
+        elif row["step"] >= first_step:
+            assert row["total_steps"] == at, row
+            assert row["lr"] == pytest.approx(_expected_lr(row["step"], at), rel=1e-6), row
+            assert row["k"] == scheduled_topk(moe, at, row["step"] - 1), row
 
 
 def test_budget_fits_the_schedules_and_survives_kill_and_resume(tmp_path):
@@ -59,14 +67,18 @@ def test_budget_fits_the_schedules_and_survives_kill_and_resume(tmp_path):
                     f"logging.metrics_file={second}")).stdout
     assert not FITTED.search(out)  # the resumed run keeps the saved total
     assert f"/{total} [" in out
+    # SMoE-Dropout's cost grows with k: the run is re-timed once, a third of the way to its end,
+    # here by the resumed process (killed at its first save, before that point)
+    refit = tuple(int(g) for g in REFITTED.search(out).groups())
+    assert killed_after < refit[0] < total
     before, after = read_metrics(first), read_metrics(second)
     _check_schedules(before, total, first_step=11)
-    _check_schedules(after, total, first_step=0)
+    _check_schedules(after, total, first_step=0, refit=refit)
     assert after[0]["step"] == killed_after + 1
     assert after[0]["train_s"] > before[-1]["train_s"] * 0.5  # counts the first process's time
     last = after[-1]
-    assert last["step"] <= total
-    if last["step"] == total:  # the run ended with its schedules (not cut by the budget)
+    assert last["step"] <= refit[1]
+    if last["step"] == refit[1]:  # the run ended with its schedules (not cut by the budget)
         assert last["lr"] == pytest.approx(3e-4) and last["k"] == 4
     validation = read_metrics(second, validation=True)
     assert validation[-1]["step"] == last["step"] and validation[-1]["train_s"] > 0
