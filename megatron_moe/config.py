@@ -50,6 +50,8 @@ class ModelConfig:
     vocab_size: Optional[int] = None  # None = the tokenizer's size; padded for TP either way
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this (divisible by TP)
     dropout: float = 0.0  # dropout on hidden states and attention probabilities (training only)
+    init: str = "megatron"  # initial weights: megatron (per-rank, as Megatron-LM) |
+    #     layout_independent (the same model for a seed in every TP/PP/EP layout; model/init.py)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def validate(cfg: Config, world_size: int) -> None:
     data formats), never retyped here."""
     from megatron_moe.data.tokenizer import TOKENIZERS
     from megatron_moe.routing.dispatchers import DISPATCHERS
+    from megatron_moe.model.init import INITS
     from megatron_moe.routing.registry import METHODS
 
     m, moe, t = cfg.model, cfg.moe, cfg.train
@@ -48,6 +49,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _choice("moe.router", moe.router, METHODS)
     _choice("moe.dispatcher", moe.dispatcher, DISPATCHERS)
     _choice("model.recompute", m.recompute, ("none", "full", "selective"))
+    _choice("model.init", m.init, INITS)
     for module in m.recompute_modules:
         _choice("model.recompute_modules", module, RECOMPUTE_MODULES)
     if m.recompute == "selective":

@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe.config import Config, moe_layer_pattern
+from megatron_moe.model.init import initialize_layout_independent
 from megatron_moe.model.spec import decoder_block_spec, transformer_engine_usable
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.routing.registry import routing_method
@@ -146,7 +147,10 @@ def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int,
         rotary_base=cfg.model.rotary_base,
     )
     mark_expert_parameters(model)
-    return model.to(compute_device())
+    model = model.to(compute_device())
+    if cfg.model.init == "layout_independent":
+        initialize_layout_independent(model, tconfig, cfg.train.seed)
+    return model
 
 
 def build_moe_block(cfg: Config, tconfig: TransformerConfig, context: RoutingContext,

@@ -81,6 +81,8 @@ def test_bad_keys_and_types(override, message):
      r"moe\.shared_expert_gate \(true\) needs moe\.shared_expert_ffn_hidden_size"),
     (["moe.shared_expert_ffn_hidden_size=64", "moe.shared_expert_overlap=true",
       "moe.dispatcher=allgather"], 1, r"moe\.shared_expert_overlap \(true\) needs moe\.dispatcher"),
+    (["model.init=random"], 1,
+     r"model\.init \('random'\) must be one of: layout_independent, megatron"),
     (["model.recompute_modules=[core_attn, attention]"], 1,
      r"model\.recompute_modules \('attention'\) must be one of: core_attn, layernorm, mlp"),
     (["model.recompute=selective", "model.recompute_modules=[moe_act]"], 1,
