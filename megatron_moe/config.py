@@ -120,11 +120,14 @@ class MoEConfig:
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
+    vpp: Optional[int] = None  # virtual stages (model chunks) per pipeline rank: interleaved 1F1B
     ep: int = 1  # expert-parallel size (carved out of the data-parallel ranks)
     etp: int = 1  # tensor-parallel size inside experts
     sequence_parallel: Optional[bool] = None  # None = on when tp > 1 (MoE with TP requires it)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks
     overlap_grad_reduce: bool = False  # overlap DDP gradient reduction with backward
+    overlap_param_gather: bool = False  # distributed optimizer: overlap the parameter all-gather
+    #     with the next step's forward (megatron's; needs overlap_grad_reduce)
     distributed_timeout_minutes: float = 10.0  # a collective waiting longer than this fails
 
 

@@ -212,6 +212,12 @@ def _validate_parallel(cfg: Config, world_size: int, groups: int) -> None:
     _divisible("model.num_attention_heads", m.num_attention_heads, "parallel.tp", p.tp)
     _divisible("model.num_query_groups", groups, "parallel.tp", p.tp)
     _divisible("model.num_layers", m.num_layers, "parallel.pp", p.pp)
+    if p.vpp is not None:
+        _check_virtual_pipeline(cfg, dp)
+    if p.overlap_param_gather and not (p.distributed_optimizer and p.overlap_grad_reduce):
+        raise ConfigError("parallel.overlap_param_gather (true) needs "
+                          "parallel.distributed_optimizer and parallel.overlap_grad_reduce "
+                          "(megatron gathers the parameters its distributed optimizer updated)")
     _divisible("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.tp", p.tp)
     _divisible("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.etp", p.etp)
     _divisible("model.seq_length", m.seq_length, "parallel.tp", p.tp)
@@ -227,6 +233,22 @@ def _validate_parallel(cfg: Config, world_size: int, groups: int) -> None:
                t.micro_batch_size * dp)
     if moe.grouped_gemm and not _has_te():
         raise ConfigError("moe.grouped_gemm (true) needs TransformerEngine, which is not importable")
+
+
+def _check_virtual_pipeline(cfg: Config, dp: int) -> None:
+    """Interleaved 1F1B: megatron needs pp > 1, the layers split evenly over pp x vpp chunks,
+    and (its default group of pp micro-batches per virtual stage) a multiple of pp micro-batches."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.vpp < 1 or p.pp < 2:
+        raise ConfigError(f"parallel.vpp ({p.vpp}) must be >= 1 and needs parallel.pp > 1 "
+                          f"(parallel.pp is {p.pp})")
+    _divisible("model.num_layers", m.num_layers, "parallel.pp*parallel.vpp", p.pp * p.vpp)
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if microbatches % p.pp:
+        raise ConfigError(f"parallel.vpp ({p.vpp}): the micro-batches per step "
+                          f"(train.global_batch_size / (train.micro_batch_size x data-parallel "
+                          f"size) = {microbatches}) must be a multiple of parallel.pp ({p.pp}) for "
+                          f"megatron's interleaved schedule")
 
 
 def _has_te() -> bool:

@@ -103,12 +103,17 @@ class RoutingContext:
     total_steps: Optional[int] = None  # the schedules' length (train.steps or budget-fitted)
     drop_p: float = 0.0  # gating dropout's probability (moe.gating_dropout.p; a benchmark sweeps it)
     stats: dict = field(default_factory=lambda: defaultdict(LayerStats))  # layer number -> stats
+    chunk_microbatch: dict = field(default_factory=dict)  # model chunk -> its last micro-batch
 
     def start_step(self, step: int) -> None:
-        self.step, self.microbatch = step, -1
+        self.step, self.microbatch, self.chunk_microbatch = step, -1, {}
 
-    def next_microbatch(self) -> None:
-        self.microbatch += 1
+    def next_microbatch(self, chunk: int = 0) -> None:
+        """A micro-batch enters model chunk ``chunk``. Each virtual pipeline stage (chunk) sees
+        the step's micro-batches in order, interleaved with the other chunks' (``parallel.vpp``),
+        so the index is counted per chunk: layer L of micro-batch m draws from the same
+        generator in every layout."""
+        self.microbatch = self.chunk_microbatch[chunk] = self.chunk_microbatch.get(chunk, -1) + 1
 
     def generator(self, layer_number: int, purpose: str) -> torch.Generator:
         """A CPU generator seeded from (seed, step, micro-batch, layer, purpose)."""

@@ -85,6 +85,7 @@ def init_distributed(cfg: Config, env: LaunchEnv) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
         expert_model_parallel_size=p.ep,
         expert_tensor_parallel_size=p.etp,
     )

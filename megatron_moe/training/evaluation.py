@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_moe.training.optim import sync_parameters
 from megatron_moe.training.setup import Run
 from megatron_moe.training.step import forward_backward
 
@@ -13,6 +14,7 @@ def validation_loss(run: Run) -> float:
 
     Routers run in evaluation mode: SMoE-Dropout at the context's ``eval_topk``, THOR and adaptive
     gating by their inference settings. MoE layers record no statistics in evaluation."""
+    sync_parameters(run.ddp)
     run.ddp.eval()
     step = run.context.step
     loss_sum, tokens = 0.0, 0.0

@@ -19,7 +19,7 @@ from megatron_moe.runtime.children import tie_children_to_this_process
 from megatron_moe.runtime.distributed import LaunchEnv, is_main_rank
 from megatron_moe.training.budget import BudgetClock, resize_schedules
 from megatron_moe.training.evaluation import validation_loss
-from megatron_moe.training.optim import use_fused_adam
+from megatron_moe.training.optim import sync_parameters, use_fused_adam
 from megatron_moe.training.preemption import StopRequest
 from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
 from megatron_moe.training.setup import Run, setup_run
@@ -209,6 +209,7 @@ def _steps(run: Run, logger: MetricsLogger, start: int, clock: BudgetClock, stop
         interval = cfg.checkpoint.interval
         if cfg.checkpoint.save and ((interval and done % interval == 0) or last):
             with clock.pause():
+                sync_parameters(run.ddp)  # overlap_param_gather: the updated weights everywhere
                 path = save_checkpoint(cfg.checkpoint.save, done, cfg, run.model, run.optimizer,
                                        run.scheduler, consumed_samples=run.consumed_samples(done),
                                        background=saves,

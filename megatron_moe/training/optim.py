@@ -9,23 +9,42 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_moe.config import Config
+from megatron_moe.model.build import ModelChunks, model_chunks
 
 
-def wrap_ddp(cfg: Config, tconfig, model) -> DistributedDataParallel:
-    """megatron DDP (contiguous fp32 grad buffers); hooks the grad-finalisation into the schedule."""
+def wrap_ddp(cfg: Config, tconfig, model):
+    """megatron DDP (contiguous fp32 grad buffers) around each model chunk; hooks the
+    grad-finalisation (and with overlap, the grad reduce) into the schedule. With
+    ``overlap_param_gather`` DDP's forward pre-hooks gather the parameters the distributed
+    optimizer updated; :func:`sync_parameters` completes that before saves and evaluation."""
+    p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.distributed_optimizer,
         check_for_nan_in_grad=True,
-        bucket_size=None if not cfg.parallel.overlap_grad_reduce else 40_000_000,
+        bucket_size=None if not p.overlap_grad_reduce else 40_000_000,
     )
-    ddp_model = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
-    tconfig.no_sync_func = ddp_model.no_sync
+    chunks = [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                      disable_bucketing=i > 0)  # as Megatron-LM: chunk 0 only
+              for i, chunk in enumerate(model_chunks(model))]
+    one = len(chunks) == 1
+    tconfig.no_sync_func = chunks[0].no_sync if one else [c.no_sync for c in chunks]
     tconfig.finalize_model_grads_func = finalize_model_grads
-    if cfg.parallel.overlap_grad_reduce:
-        tconfig.grad_sync_func = ddp_model.start_grad_sync
-    return ddp_model
+    if p.overlap_grad_reduce:
+        starts = [c.start_grad_sync for c in chunks]
+        tconfig.grad_sync_func = starts[0] if one else starts
+    return chunks[0] if one else ModelChunks(chunks)
+
+
+def sync_parameters(ddp_model) -> None:
+    """With ``overlap_param_gather`` the updated parameters reach the other data-parallel ranks
+    only in the next forward; gather them now (before a checkpoint or an evaluation), as
+    Megatron-LM does around its saves. Nothing to do otherwise."""
+    for chunk in model_chunks(ddp_model):
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(cfg: Config, tconfig, ddp_model):
@@ -42,7 +61,7 @@ def build_optimizer(cfg: Config, tconfig, ddp_model):
         params_dtype=tconfig.params_dtype,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    optimizer = get_megatron_optimizer(opt_config, model_chunks(ddp_model))
     use_fused_adam(optimizer)
     return optimizer
 

@@ -19,8 +19,10 @@ from functools import partial
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_moe.data.batches import MicroBatch
+from megatron_moe.model.build import model_chunks
 from megatron_moe.model.vocab_parallel import smoothed_cross_entropy
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.runtime.cpu_support import compute_device
@@ -75,10 +77,11 @@ def _twice(t):
     return None if t is None else torch.cat([t, t], dim=0)
 
 
-def stage_padding_mask(padding_BS, sequence_parallel: bool):
-    """megatron scatters the padding mask over the sequence-parallel ranks on the first pipeline
-    stage only (GPTModel._preprocess, 0.16.1); later stages receive their shard from here."""
-    if padding_BS is None or not sequence_parallel or parallel_state.is_pipeline_first_stage():
+def stage_padding_mask(padding_BS, sequence_parallel: bool, pre_process: bool):
+    """megatron scatters the padding mask over the sequence-parallel ranks in the model chunk that
+    holds the embedding only (GPTModel._preprocess, 0.16.1); later stages and virtual stages
+    receive their shard from here."""
+    if padding_BS is None or not sequence_parallel or pre_process:
         return padding_BS
     tp, rank = (parallel_state.get_tensor_model_parallel_world_size(),
                 parallel_state.get_tensor_model_parallel_rank())
@@ -96,16 +99,18 @@ def make_forward_step(context: RoutingContext, method_loss=None, sequence_parall
 
     def forward_step(data_iterator, model):
         batch: MicroBatch = next(data_iterator)
-        context.next_microbatch()
+        chunk = get_attr_wrapped_model(model, "vp_stage") or 0
+        pre_process = get_attr_wrapped_model(model, "pre_process")
+        context.next_microbatch(chunk)
         if context.sample_routing is not None:  # whose rows the MoE layers are routing
             context.sample_routing.sample_ids_B = batch.sample_ids_B if model.training else None
         if method_loss is not None and model.training:
-            padding = stage_padding_mask(_twice(batch.padding_BS), sequence_parallel)
+            padding = stage_padding_mask(_twice(batch.padding_BS), sequence_parallel, pre_process)
             logits_2BSV = model(_twice(batch.tokens_BS), _twice(batch.position_ids_BS),
                                 attention_mask=None, padding_mask=padding)
             return logits_2BSV, partial(duplicated_loss_func, method_loss,
                                         _twice(batch.labels_BS), _twice(batch.loss_mask_BS))
-        padding = stage_padding_mask(batch.padding_BS, sequence_parallel)
+        padding = stage_padding_mask(batch.padding_BS, sequence_parallel, pre_process)
         if token_loss is not None and model.training:
             logits_BSV = model(batch.tokens_BS, batch.position_ids_BS, attention_mask=None,
                                padding_mask=padding)
@@ -120,12 +125,15 @@ def make_forward_step(context: RoutingContext, method_loss=None, sequence_parall
 
 def forward_backward(model, batches: list[MicroBatch], seq_length: int, forward_only: bool,
                      forward_step_func, duplicated: bool = False) -> dict:
-    """Run the schedule; return {name: (sum, token count)} over this step, identical on all ranks."""
+    """Run the schedule; return {name: (sum, token count)} over this step, identical on all ranks.
+    ``model``: this rank's (DDP-wrapped) stage, or its :class:`ModelChunks` (virtual stages, each
+    reading the step's micro-batches from its own iterator)."""
+    chunks = model_chunks(model)
     schedule = get_forward_backward_func()
     reports = schedule(
         forward_step_func=forward_step_func,
-        data_iterator=iter(batches),
-        model=[model],
+        data_iterator=iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks],
+        model=chunks,
         num_microbatches=len(batches),
         seq_length=seq_length,
         micro_batch_size=batches[0].tokens_BS.shape[0] * (2 if duplicated else 1),
