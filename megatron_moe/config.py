@@ -90,9 +90,11 @@ class MoEConfig:
     topk: int = 2  # experts per token
     router: str = "topk"  # routing method: a name in routing/registry.py (python -m megatron_moe -h)
     dispatcher: str = "alltoall"  # token dispatcher: alltoall | allgather
-    aux_loss_coeff: float = 0.01  # load-balancing loss coefficient (0 disables)
-    load_balancing: str = "aux_loss"  # aux_loss (per micro-batch) | seq_aux_loss (per sequence)
-    #                                   | global_aux_loss (over data-parallel ranks) | none
+    aux_loss_coeff: Union[float, list] = 0.01  # load-balancing loss coefficient (0 disables);
+    #     a list (one per entry of a load_balancing list) combines several losses, as megatron's
+    load_balancing: Union[str, list] = "aux_loss"  # aux_loss (per micro-batch) | seq_aux_loss
+    #     (per sequence) | global_aux_loss (over data-parallel ranks) | none; or a list of the
+    #     first three, e.g. [seq_aux_loss, global_aux_loss] with aux_loss_coeff [1e-4, 1e-3]
     score_function: str = "softmax"  # router scores: softmax | sigmoid (topk router)
     expert_bias: bool = False  # aux-loss-free balancing: a per-expert bias on the routing scores,
     #                            moved toward balance after each step (needs score_function sigmoid)

@@ -127,6 +127,28 @@ RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "shared_
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # megatron's names
 
 
+def _check_load_balancing(moe) -> None:
+    """One type and one coefficient, or megatron's list form: several types (no repeats, no
+    ``none``) with a coefficient each."""
+    kinds, coeffs = moe.load_balancing, moe.aux_loss_coeff
+    if not isinstance(kinds, list):
+        _choice("moe.load_balancing", kinds, LOAD_BALANCING)
+        if isinstance(coeffs, list):
+            raise ConfigError(f"moe.aux_loss_coeff ({coeffs}) is a list: moe.load_balancing "
+                              f"({kinds!r}) must then be a list of the same length")
+        if coeffs < 0:
+            raise ConfigError(f"moe.aux_loss_coeff ({coeffs}) must be >= 0")
+        return
+    for kind in kinds:
+        _choice("moe.load_balancing", kind, LOAD_BALANCING[:-1])  # a list never holds none
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise ConfigError(f"moe.load_balancing ({kinds}) must be a non-empty list without repeats")
+    if (not isinstance(coeffs, list) or len(coeffs) != len(kinds)
+            or any(not isinstance(c, (int, float)) or c < 0 for c in coeffs)):
+        raise ConfigError(f"moe.aux_loss_coeff ({coeffs}) must be a list of {len(kinds)} "
+                          f"coefficients >= 0, one per moe.load_balancing entry ({kinds})")
+
+
 def _check_recompute_modules(cfg: Config) -> None:
     from megatron_moe.model.spec import transformer_engine_usable
 
@@ -144,7 +166,7 @@ def _validate_routing(cfg: Config) -> None:
     from megatron_moe.routing.registry import METHODS, routing_method
 
     moe, gd = cfg.moe, cfg.moe.gating_dropout
-    _choice("moe.load_balancing", moe.load_balancing, LOAD_BALANCING)
+    _check_load_balancing(moe)
     _choice("moe.score_function", moe.score_function, ("softmax", "sigmoid"))
     _choice("moe.drop_policy", moe.drop_policy, ("probs", "position"))
     _positive(cfg, "moe.ffn_hidden_size", "moe.shared_expert_ffn_hidden_size")

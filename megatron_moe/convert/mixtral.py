@@ -83,6 +83,14 @@ def export_topk(cfg: Config, topk: int | None, fallback: bool) -> int:
     return routing_method(cfg).export_topk(cfg, topk, fallback)
 
 
+def _switch_aux_coeff(moe) -> float:
+    """HF Mixtral's ``router_aux_loss_coef`` is the per-batch (Switch) loss's: ours for
+    ``aux_loss``, 0 when the run balanced otherwise."""
+    if isinstance(moe.load_balancing, list):
+        return float(dict(zip(moe.load_balancing, moe.aux_loss_coeff)).get("aux_loss", 0.0))
+    return float(moe.aux_loss_coeff) if moe.load_balancing == "aux_loss" else 0.0
+
+
 def hf_config(cfg: Config, vocab_size: int, topk: int, dtype: str) -> dict:
     m = cfg.model
     return {
@@ -102,7 +110,7 @@ def hf_config(cfg: Config, vocab_size: int, topk: int, dtype: str) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": float(m.rotary_base)},
         "num_local_experts": cfg.moe.num_experts,
         "num_experts_per_tok": topk,
-        "router_aux_loss_coef": cfg.moe.aux_loss_coeff,
+        "router_aux_loss_coef": _switch_aux_coeff(cfg.moe),
         "tie_word_embeddings": m.share_embeddings,
         "attention_dropout": 0.0,
         "sliding_window": None,

@@ -47,17 +47,19 @@ class RoutingMethod:
         """The most experts a token can use: what megatron sizes its structures for."""
         return moe.topk
 
-    def aux_loss_coeff(self, moe) -> float:
-        """The load-balancing loss trains a learned gate; methods without one have none."""
+    def aux_loss_coeff(self, moe):
+        """The load-balancing loss trains a learned gate; methods without one have none. A
+        float, or megatron's list (one per ``moe.load_balancing`` entry)."""
         return moe.aux_loss_coeff if self.has_gate else 0.0
 
     def megatron_settings(self, moe) -> dict:
         """megatron's TransformerConfig fields for this method's routing."""
         k, coeff = self.megatron_topk(moe), self.aux_loss_coeff(moe)
+        balancing = any(c > 0 for c in coeff) if isinstance(coeff, list) else coeff > 0
         return dict(moe_router_topk=k,
                     # megatron requires it for top-1 softmax routing
                     moe_router_pre_softmax=k == 1 and moe.score_function == "softmax",
-                    moe_router_load_balancing_type=moe.load_balancing if coeff > 0 else "none",
+                    moe_router_load_balancing_type=moe.load_balancing if balancing else "none",
                     moe_aux_loss_coeff=coeff,
                     moe_router_score_function=moe.score_function,
                     moe_router_enable_expert_bias=moe.expert_bias,

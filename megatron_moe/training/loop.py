@@ -21,7 +21,8 @@ from megatron_moe.training.budget import BudgetClock, resize_schedules
 from megatron_moe.training.evaluation import validation_loss
 from megatron_moe.training.optim import sync_parameters, use_fused_adam
 from megatron_moe.training.preemption import StopRequest
-from megatron_moe.training.metrics import MetricsLogger, moe_aux_losses, routing_metrics
+from megatron_moe.training.metrics import (TRACKED_LOSSES, MetricsLogger, moe_aux_losses,
+                                           routing_metrics)
 from megatron_moe.training.setup import Run, setup_run
 from megatron_moe.training.step import forward_backward
 from megatron_moe.training.throughput import Throughput, device_peak_tflops, forward_flops
@@ -66,9 +67,11 @@ def interval_values(run: Run, steps: int, microbatches: int,
     rank calls it on the same steps). Returns (log-line values, per-layer TensorBoard values)."""
     aux = moe_aux_losses(run.cfg, run.tconfig, microbatches)
     routing, per_layer = routing_metrics(run.cfg, run.method, run.context.reset_stats(), steps)
-    names = {"load_balancing_loss": "aux_loss", "seq_load_balancing_loss": "aux_loss",
-             "global_load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
-    values = {**{names[k]: v for k, v in aux.items()}, **routing}
+    # one balancing loss is logged as aux_loss; several (megatron's list form) by their types
+    balancing = {tracked: kind for kind, tracked in TRACKED_LOSSES.items() if tracked in aux}
+    values = {("aux_loss" if len(balancing) == 1 else balancing[k]) if k in balancing else k: v
+              for k, v in aux.items()}
+    values.update(routing)
     if throughput is not None:
         values.update(throughput.interval(routing.get("experts_per_token", run.cfg.moe.topk)))
     return values, per_layer

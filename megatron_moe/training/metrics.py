@@ -15,16 +15,20 @@ from megatron_moe.runtime.cpu_support import compute_device
 _FIELDS = ("calls", "dropped", "ep_bytes", "ep_bytes_saved", "two_expert_tokens", "tokens")
 
 
+TRACKED_LOSSES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                  "global_aux_loss": "global_load_balancing_loss"}  # megatron's tracker names
+
+
 def moe_aux_losses(cfg: Config, tconfig, num_microbatches: int) -> dict[str, float]:
     """Mean per-MoE-layer router losses since the last call (collective: call on every rank).
 
     megatron's tracker sums every micro-batch's value until read; ``num_microbatches`` is the
     number of micro-batches since the last call (all steps of the log interval)."""
-    names = []
-    balancing = tconfig.moe_router_load_balancing_type
-    if tconfig.moe_aux_loss_coeff > 0 and balancing != "none":
-        names.append({"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
-                      "global_aux_loss": "global_load_balancing_loss"}[balancing])
+    kinds, coeffs = tconfig.moe_router_load_balancing_type, tconfig.moe_aux_loss_coeff
+    if not isinstance(kinds, list):
+        kinds, coeffs = [kinds], [coeffs]
+    names = [TRACKED_LOSSES[kind] for kind, coeff in zip(kinds, coeffs)
+             if kind != "none" and coeff > 0]
     if cfg.moe.z_loss_coeff:
         names.append("z_loss")
     if not names:

@@ -2,7 +2,7 @@
 the config, where they change behaviour: aux-loss-free expert bias moves toward balance (the most
 loaded expert's bias falls) and is saved in the checkpoint; the sequence-level balancing loss
 differs from the micro-batch one and is the same under (TP, EP) = (1, 1) and (2, 2) from one
-checkpoint; a model with shared experts and narrow (fine-grained) experts evaluates to the same
+checkpoint, and megatron's list form trains and logs several balancing losses; a model with shared experts and narrow (fine-grained) experts evaluates to the same
 validation loss under (1, 1, 1) and (2, 1, 2)."""
 
 import json
@@ -62,17 +62,24 @@ def test_seq_aux_loss_differs_from_aux_loss_and_is_layout_independent(base_check
     common = ["train.steps=21", f"checkpoint.load={base_checkpoint}", "logging.interval=1",
               "checkpoint.load_optimizer=false"]
     values = {}
-    for name, balancing, nproc, layout in (("aux", "aux_loss", 1, []),
-                                           ("seq", "seq_aux_loss", 1, []),
-                                           ("seq_tp2_ep2", "seq_aux_loss", 2,
-                                            ["parallel.tp=2", "parallel.ep=2"])):
+    both = ["moe.load_balancing=[seq_aux_loss, global_aux_loss]", "moe.aux_loss_coeff=[0.01, 0.02]"]
+    for name, balancing, nproc, layout in (("aux", ["moe.load_balancing=aux_loss"], 1, []),
+                                           ("seq", ["moe.load_balancing=seq_aux_loss"], 1, []),
+                                           ("seq_tp2_ep2", ["moe.load_balancing=seq_aux_loss"], 2,
+                                            ["parallel.tp=2", "parallel.ep=2"]),
+                                           ("list", both, 1, [])):
         out = tmp_path / f"{name}.jsonl"
-        check(cli("train", *common, f"moe.load_balancing={balancing}", *layout,
-                  f"logging.metrics_file={out}", nproc=nproc))
+        check(cli("train", *common, *balancing, *layout, f"logging.metrics_file={out}",
+                  nproc=nproc))
         values[name] = _first_step(out)
     assert abs(values["seq"]["aux_loss"] - values["aux"]["aux_loss"]) > 1e-4
     for key in ("aux_loss", "loss"):
         assert values["seq_tp2_ep2"][key] == pytest.approx(values["seq"][key], abs=1e-5), key
+    # megatron's list form: both losses trained and logged by type (unscaled, as megatron logs)
+    listed = values["list"]
+    assert "aux_loss" not in listed and listed["global_aux_loss"] > 0
+    assert listed["seq_aux_loss"] == pytest.approx(values["seq"]["aux_loss"], abs=1e-6)
+    assert listed["loss"] == pytest.approx(values["seq"]["loss"], abs=1e-6)  # step 1: same weights
 
 
 def test_shared_experts_same_validation_loss_under_two_layouts(tmp_path):
