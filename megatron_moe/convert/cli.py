@@ -4,6 +4,10 @@
     python -m megatron_moe convert --to hf --load runs/moe/checkpoints --output hf/moe
     # Hugging Face Mixtral directory -> megatron_moe checkpoint (loads under any TP/PP/EP)
     python -m megatron_moe convert --to megatron --load hf/mixtral --output runs/imported
+    # dense Hugging Face Llama/Mistral -> upcycled MoE (8 copies of each MLP, top-2), verified
+    # against the dense model's logits
+    python -m megatron_moe convert --to megatron --load hf/llama --output runs/upcycled \
+        --upcycle-experts 8 --topk 2
 
 Conversion runs in one CPU process in fp32 (the model is rebuilt with TP = PP = EP = 1 from the
 checkpoint's own config). Both directions end with a verification on a few random token sequences:
@@ -40,7 +44,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "'latest' tracker) for --to hf; Hugging Face model dir for --to megatron")
     p.add_argument("--output", required=True, help="directory to create")
     p.add_argument("--topk", type=int, help="experts per token of the export (SMoE-Dropout: "
-                   "the k to export at; default moe.eval_topk or k_max)")
+                   "the k to export at; default moe.eval_topk or k_max); with "
+                   "--upcycle-experts, of the upcycled MoE (default 2)")
+    p.add_argument("--upcycle-experts", type=int, metavar="E", help="--to megatron from a "
+                   "dense Llama/Mistral: an MoE whose E experts are each a copy of the dense MLP "
+                   "(megatron-core's upcycling), computing the dense model until trained")
     p.add_argument("--fallback-topk", type=int, metavar="K", help="THOR / adaptive gating: "
                    "export the router as a plain top-K router (routes differently!)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -56,6 +64,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from megatron_moe.runtime.distributed import single_process
 
+    if args.upcycle_experts is not None and (args.to != "megatron" or args.upcycle_experts < 2):
+        raise ConversionError(f"--upcycle-experts ({args.upcycle_experts}) needs --to megatron "
+                              f"and at least 2 experts")
     env = single_process()
     with staged_directory(args.output, args.force, ConversionError) as tmp:
         if args.to == "hf":
@@ -110,11 +121,22 @@ def import_hf(args, env, tmp: Path) -> float | None:
     if not config_path.is_file():
         raise ConversionError(f"--load {source}: no config.json (not a Hugging Face model dir)")
     hf = json.loads(config_path.read_text())
-    overrides = mixtral.overrides_from_hf(hf, str(config_path))
+    experts = args.upcycle_experts
+    if experts:
+        overrides = mixtral.upcycle_overrides(hf, str(config_path), experts, args.topk or 2)
+    else:
+        overrides = mixtral.overrides_from_hf(hf, str(config_path))
     cfg = model_io.with_layout(load_config(None, overrides + [
         f"model.seq_length={min(int(hf.get('max_position_embeddings', 4096)), 4096)}"]))
     padded = padded_vocab_size(cfg, hf["vocab_size"])
-    state = mixtral.from_hf(cfg, _read_safetensors(source), padded, str(source))
+    tensors = _read_safetensors(source)
+    if experts:
+        tensors = mixtral.upcycle_tensors(tensors, cfg.model.num_layers, experts,
+                                          cfg.model.hidden_size, hf.get("initializer_range", 0.02),
+                                          cfg.train.seed, str(source))
+        _progress(f"upcycling {source}: {experts} copies of each dense MLP, top-{cfg.moe.topk}, "
+                  f"router N(0, {hf.get('initializer_range', 0.02)}) from seed {cfg.train.seed}")
+    state = mixtral.from_hf(cfg, tensors, padded, str(source))
     model = model_io.build(cfg, padded, env)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -128,7 +150,8 @@ def import_hf(args, env, tmp: Path) -> float | None:
     _progress(f"import {source} -> {args.output}: {len(state)} tensors, vocabulary "
               f"{hf['vocab_size']} (padded to {padded})")
     save_checkpoint(str(tmp), 0, cfg, model, extra={"hf_vocab_size": hf["vocab_size"],
-                                                    "converted_from": str(source)})
+                                                    "converted_from": str(source),
+                                                    "upcycled_experts": experts or 0})
     if not args.verify:
         return None
     hf_model = _hf_model(source)
@@ -212,13 +235,14 @@ def _copy_tokenizer(explicit: str | None, cfg, directory: Path) -> None:
 
 
 def _hf_model(directory: Path):
+    """The directory's model in ``transformers`` (Mixtral, or the dense model upcycled from)."""
     try:
-        from transformers import MixtralForCausalLM
+        from transformers import AutoModelForCausalLM
     except ImportError:
         _progress("verification skipped: transformers is not installed "
                   "(pip install transformers==5.24.0)")
         return None
-    return MixtralForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
 @torch.no_grad()

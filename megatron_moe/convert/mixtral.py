@@ -124,7 +124,9 @@ def hf_config(cfg: Config, vocab_size: int, topk: int, dtype: str) -> dict:
 def overrides_from_hf(hf: dict, path: str) -> list[str]:
     """megatron_moe ``--set`` overrides describing the Mixtral of a ``config.json``."""
     if hf.get("model_type") != "mixtral":
-        raise ConversionError(f"{path}: model_type is {hf.get('model_type')!r}, not 'mixtral'")
+        raise ConversionError(f"{path}: model_type is {hf.get('model_type')!r}, not 'mixtral'"
+                              + (" (a dense model: convert it with --upcycle-experts E)"
+                                 if hf.get("model_type") in DENSE_MODEL_TYPES else ""))
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim") not in (None, hidden // heads):
         raise ConversionError(f"{path}: head_dim {hf['head_dim']} != hidden_size / "
@@ -147,6 +149,53 @@ def overrides_from_hf(hf: dict, path: str) -> list[str]:
             "model.moe_layer_freq=1",
             f"moe.num_experts={hf['num_local_experts']}",
             f"moe.topk={hf['num_experts_per_tok']}", "moe.router=topk"]
+
+
+DENSE_MODEL_TYPES = ("llama", "mistral")  # what --upcycle-experts takes
+
+
+def upcycle_overrides(hf: dict, path: str, experts: int, topk: int) -> list[str]:
+    """Overrides for the MoE upcycled from a dense Llama/Mistral ``config.json``: its shape, with
+    ``experts`` experts of the dense FFN width and ``topk`` of them per token."""
+    if hf.get("model_type") not in DENSE_MODEL_TYPES:
+        raise ConversionError(f"{path}: --upcycle-experts takes a dense "
+                              f"{' or '.join(DENSE_MODEL_TYPES)} model; model_type is "
+                              f"{hf.get('model_type')!r}")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConversionError(f"{path}: attention_bias / mlp_bias are not supported (no biases "
+                              f"in megatron_moe's layers)")
+    if not 2 <= topk <= experts:
+        raise ConversionError(f"--topk {topk} must be between 2 and --upcycle-experts ({experts}): "
+                              f"the router's softmax over the chosen k sums to 1, so k copies of "
+                              f"the dense FFN give exactly the dense output; with k = 1 megatron "
+                              f"scales the softmax over all experts and the output would not be "
+                              f"the dense model's")
+    return overrides_from_hf({**hf, "model_type": "mixtral", "num_local_experts": experts,
+                              "num_experts_per_tok": topk}, path)
+
+
+def upcycle_tensors(tensors: dict, num_layers: int, experts: int, hidden: int, std: float,
+                    seed: int, path: str) -> dict:
+    """Dense Llama/Mistral tensors -> Mixtral-layout tensors (megatron-core's upcycling, without
+    granularity): every expert of layer i is layer i's dense MLP (gate = w1, up = w3, down =
+    w2) and the router is drawn N(0, std) from ``seed``. Before training the MoE computes the
+    dense model (the top-k weights sum to 1 over k identical experts); training then lets the
+    copies diverge."""
+    out = {k: v for k, v in tensors.items() if ".mlp." not in k}
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(num_layers):
+        dense = [f"model.layers.{i}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+        missing = [n for n in dense if n not in tensors]
+        if missing:
+            raise ConversionError(f"{path}: tensor {missing[0]} is missing (a dense model's MLP)")
+        gate, up, down = (tensors[n] for n in dense)
+        for e in range(experts):
+            prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+            out[prefix + "w1.weight"], out[prefix + "w3.weight"] = gate, up
+            out[prefix + "w2.weight"] = down
+        out[f"model.layers.{i}.block_sparse_moe.gate.weight"] = (
+            torch.randn(experts, hidden, generator=generator) * std)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

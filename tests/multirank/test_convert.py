@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import check, cli, last_json, launch, megatron_moe_cmd
+from tests.conftest import check, cli, last_json, launch, megatron_moe_cmd, read_metrics
 from tests.multirank._dist import launch_env, spawn
 
 transformers = pytest.importorskip("transformers")
@@ -154,3 +154,57 @@ def test_bad_sources_fail_clearly_and_leave_nothing(tmp_path, trained_tp2_ep2):
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert not leftovers and not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def _random_llama(directory):
+    """A dense Llama with the debug config's shape (byte vocabulary), so the upcycled MoE
+    trains with the debug config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=258, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.15)
+    model.save_pretrained(str(directory))
+    return model.eval()
+
+
+def test_upcycled_dense_llama_computes_the_dense_model_and_trains_under_ep2(tmp_path):
+    from safetensors.torch import load_file
+
+    source, upcycled = tmp_path / "llama", tmp_path / "upcycled"
+    dense = _random_llama(source)
+    proc = convert("--to", "megatron", "--load", str(source), "--output", str(upcycled),
+                   "--upcycle-experts", "4", "--topk", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc)["max_logit_diff"] < 1e-4  # (1,1,1) against the dense model
+    tokens = torch.randint(0, 258, (3, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        theirs = dense(input_ids=tokens).logits
+    assert theirs.abs().max() > 1.0
+    ours = _ours_under(upcycled, 1, 2, tokens, tmp_path)[..., :258]  # EP = 2
+    assert (ours - theirs).abs().max() < 1e-4
+    # every expert is the dense MLP, bit for bit (round trip through the Mixtral export)
+    back = tmp_path / "back"
+    assert convert("--to", "hf", "--load", str(upcycled), "--output", str(back)).returncode == 0
+    moe, mlp = load_file(str(back / "model.safetensors")), load_file(str(source /
+                                                                        "model.safetensors"))
+    for e in range(4):
+        for ours_name, dense_name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            assert torch.equal(moe[f"model.layers.2.block_sparse_moe.experts.{e}.{ours_name}.weight"],
+                               mlp[f"model.layers.2.mlp.{dense_name}.weight"])
+    # it trains from there under EP = 2 (the debug config has the dense model's shape)
+    metrics = tmp_path / "m.jsonl"
+    check(cli("train", f"checkpoint.load={upcycled}", "checkpoint.finetune=true", "parallel.ep=2",
+              "train.steps=20", "logging.interval=5", f"logging.metrics_file={metrics}", nproc=2))
+    losses = [row["loss"] for row in read_metrics(metrics)]
+    assert len(losses) == 20 and losses[-1] < losses[0]
+    # k = 1 would not reproduce the dense model: refused with the reason
+    proc = convert("--to", "megatron", "--load", str(source), "--output", str(tmp_path / "k1"),
+                   "--upcycle-experts", "4", "--topk", "1")
+    assert proc.returncode == 2 and "--topk 1 must be between 2 and" in proc.stderr
