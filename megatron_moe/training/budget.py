@@ -11,7 +11,8 @@ and re-sizes every schedule to ``total``: the LR decay and weight-decay steps of
 scheduler, and the routing context's ``total_steps`` (SMoE-Dropout's k schedule). The number is
 logged and saved with every checkpoint, so a resumed run keeps it (and is not timed again); the
 budget counts training time over all resumes (time spent in validation, periodic BLEU and
-checkpoint saves is not training time and is left out). The budget still stops a run that runs slower than it was timed.
+checkpoint saves is not training time and is left out). The budget still stops a run that runs
+slower than it was timed.
 
 With ``budget_schedule: stop`` the schedules keep ``train.steps`` and the budget only stops the
 run wherever it is (the earlier behaviour). The fit happens after step
@@ -19,15 +20,20 @@ run wherever it is (the earlier behaviour). The fit happens after step
 rate of every step equals that of a run configured with the fitted total from the start (the
 warm-up does not depend on it); otherwise the few steps in between decayed towards ``train.steps``.
 
-A method whose step cost follows a schedule sized to the run (SMoE-Dropout: k grows from k_min to
+The first fit sees only ``budget_timing_steps`` steps, so every run is fitted again once, at
+``REFIT_AT`` of the way from the first fit to its end, from all the steps timed so far: a short
+slow (or fast) spell in the timing window, e.g. another job on the machine, no longer decides the
+run's length (in the study, a timing window slowed by a concurrent test suite ended one run's
+schedule 97 s before its budget, and a later slowdown cut another 9% short of its schedule). A
+method whose step cost follows a schedule sized to the run (SMoE-Dropout: k grows from k_min to
 k_max, and a step at k = 8 costs about 1.7x one at k = 2 on the study's CPU model) is timed at
-k_min only, so the first fit overestimates the steps that fit (the study's first SMoE run stopped
-at step 2875 of 3828, at k = 6 of 8). Such a run is fitted again once, at ``REFIT_AT`` of the way
-from the first fit to its end: the seconds of every timed step are regressed on the step's experts
-per token (``seconds = a + b * k``, b >= 0), and the total becomes the largest N for which the
-steps left, each at the k the schedule gives it when it ends at N, fit the remaining budget.
-The learning rate and k of the steps after the re-fit follow the schedules at the new total (the
-logged ``total_steps`` of each step says which); the re-fitted total is saved like the first.
+k_min only, so its first fit overestimates the steps that fit (the study's first SMoE run stopped
+at step 2875 of 3828, at k = 6 of 8): at the re-fit the seconds of every timed step are regressed
+on the step's experts per token (``seconds = a + b * k``, b >= 0; the mean for a constant k), and
+the total becomes the largest N for which the steps left, each at the k the schedule gives it
+when it ends at N, fit the remaining budget. The learning rate and k of the steps after the re-fit
+follow the schedules at the new total (the logged ``total_steps`` of each step says which); the
+re-fitted total is saved like the first.
 """
 
 from __future__ import annotations
@@ -60,9 +66,10 @@ class BudgetClock:
         self._paused_s = 0.0  # validation / BLEU time of this process
         self._steps_seen = 0
         self._mark: Optional[float] = None
-        # varying cost (RoutingMethod.scheduled_pairs): (experts per token, seconds) of each timed
-        # step, and the step of the one re-fit
-        self.pairs = scheduled_pairs if scheduled_pairs and scheduled_pairs(t.steps, 0) else None
+        # (experts per token, seconds) of each timed step, and the step of the one re-fit; the
+        # experts per token of a step from RoutingMethod.scheduled_pairs, else a constant
+        varying = scheduled_pairs is not None and scheduled_pairs(t.steps, 0) is not None
+        self.pairs: SchedulePairs = scheduled_pairs if varying else (lambda total, step: 1.0)
         self.refit_step: Optional[int] = None
         self._samples: list[tuple[float, float]] = []
         self._last: Optional[float] = None
@@ -89,7 +96,7 @@ class BudgetClock:
             return None
         now = self.elapsed()
         self._steps_seen += 1
-        if self.pairs is not None and self._steps_seen > WARMUP_STEPS:
+        if self._steps_seen > WARMUP_STEPS:
             self._samples.append((self.pairs(self.total_steps, done - 1), now - self._last))
         self._last = now
         if self.fitted:
@@ -103,7 +110,7 @@ class BudgetClock:
         remaining = self.budget_s - now
         fitted = int(max_over_ranks(done + max(int(remaining / per_step), 1)))  # clocks differ
         self.total_steps, self.fitted = max(min(fitted, self.max_steps), done + 1), True
-        if self.pairs is not None:
+        if self.total_steps - done >= 3:  # else there is nothing left to re-fit
             self.refit_step = done + max(int((self.total_steps - done) * REFIT_AT), 1)
         capped = " (capped by train.steps)" if fitted > self.max_steps else ""
         return (f"budget: {self.timing_steps} steps took {per_step:.3f}s each; the schedules now "
@@ -121,9 +128,10 @@ class BudgetClock:
         fitted = int(max_over_ranks(steps_that_fit(
             lambda total, step: a + b * self.pairs(total, step), done, remaining, self.max_steps)))
         self.total_steps = max(fitted, done + 1)
-        return (f"budget: re-timed at step {done} (seconds per step = {a:.3f} + {b:.4f} x experts "
-                f"per token, from {len(self._samples)} steps); the schedules now end at step "
-                f"{self.total_steps}, {remaining:.0f}s of the budget left")
+        cost = f"{a:.3f} + {b:.4f} x experts per token" if b else f"{a:.3f}"
+        return (f"budget: re-timed at step {done} (seconds per step = {cost}, from "
+                f"{len(self._samples)} steps); the schedules now end at step {self.total_steps}, "
+                f"{remaining:.0f}s of the budget left")
 
     def state(self) -> dict:
         """What a checkpoint keeps (collective: every rank saves the slowest rank's time, so the
