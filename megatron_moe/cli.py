@@ -109,7 +109,7 @@ def _load_for_inference(cfg, env):
     from megatron_moe.training.setup import setup_run
 
     run = setup_run(cfg, env, training=False, inference=cfg.data.format == "translation")
-    load_checkpoint(cfg.checkpoint.load, cfg, run.model)
+    run.check_vocabulary(load_checkpoint(cfg.checkpoint.load, cfg, run.model))
     return run
 
 

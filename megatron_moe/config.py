@@ -90,7 +90,7 @@ class MoEConfig:
     topk: int = 2  # experts per token
     router: str = "topk"  # routing method: a name in routing/registry.py (python -m megatron_moe -h)
     dispatcher: str = "alltoall"  # token dispatcher: alltoall | allgather
-    aux_loss_coeff: Union[float, list] = 0.01  # load-balancing loss coefficient (0 disables);
+    aux_loss_coeff: Union[float, list[float]] = 0.01  # load-balancing loss coefficient (0 disables);
     #     a list (one per entry of a load_balancing list) combines several losses, as megatron's
     load_balancing: Union[str, list] = "aux_loss"  # aux_loss (per micro-batch) | seq_aux_loss
     #     (per sequence) | global_aux_loss (over data-parallel ranks) | none; or a list of the
@@ -169,6 +169,9 @@ class DataConfig:
     valid_path: Optional[str] = None  # likewise for validation; None = bundled sample
     tokenizer: str = "byte"  # text format: byte (UTF-8 bytes, no training needed)
     dir: Optional[str] = None  # translation: output of `python -m megatron_moe preprocess`
+    blend: list = field(default_factory=list)  # lm: training data from several preprocessed
+    #     directories, Megatron-style [weight, dir, weight, dir, ...] (same tokenizer as data.dir,
+    #     whose valid split validates)
     temperature: float = 1.0  # translation: language sampling temperature (1 = proportional)
     bucket_window: int = 0  # translation training: length-sort windows of this many global
     #                         batches, then shuffle the batches (0 = off); with trim_padding,
@@ -237,7 +240,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if hint is list or origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return value
+        item = typing.get_args(hint)
+        return [_coerce(f"{path}[{i}]", v, item[0]) for i, v in enumerate(value)] if item else value
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -69,6 +69,7 @@ def validate(cfg: Config, world_size: int) -> None:
     for path, value in (("model.dropout", m.dropout), ("train.label_smoothing", t.label_smoothing)):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{path} ({value}) must be in [0, 1)")
+    _check_blend(cfg)
     if cfg.data.bucket_window < 0:
         raise ConfigError(f"data.bucket_window ({cfg.data.bucket_window}) must be >= 0")
     if cfg.data.max_new_tokens < 1:
@@ -125,6 +126,27 @@ def validate(cfg: Config, world_size: int) -> None:
 
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "shared_experts")  # megatron
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")  # megatron's names
+
+
+def _check_blend(cfg: Config) -> None:
+    blend = list(cfg.data.blend)
+    if not blend:
+        return
+    if cfg.data.format != "lm":
+        raise ConfigError(f"data.blend applies to data.format lm, not {cfg.data.format!r}")
+    def weight(w) -> float:
+        try:  # YAML 1.1 reads 1e-1 (no dot) as a string
+            return float(w) if not isinstance(w, bool) else -1.0
+        except (TypeError, ValueError):
+            return -1.0
+
+    if len(blend) % 2:
+        raise ConfigError(f"data.blend ({blend}) must be [weight, data dir, weight, data dir, "
+                          f"...]: it has {len(blend)} entries")
+    for i in range(0, len(blend), 2):
+        if weight(blend[i]) <= 0 or not isinstance(blend[i + 1], str):
+            raise ConfigError(f"data.blend entry {i // 2} ({blend[i]!r}, {blend[i + 1]!r}) must "
+                              f"be a positive weight and a data directory")
 
 
 def _check_load_balancing(moe) -> None:
@@ -261,9 +283,9 @@ def _check_virtual_pipeline(cfg: Config, dp: int) -> None:
     """Interleaved 1F1B: megatron needs pp > 1, the layers split evenly over pp x vpp chunks,
     and (its default group of pp micro-batches per virtual stage) a multiple of pp micro-batches."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    if p.vpp < 1 or p.pp < 2:
-        raise ConfigError(f"parallel.vpp ({p.vpp}) must be >= 1 and needs parallel.pp > 1 "
-                          f"(parallel.pp is {p.pp})")
+    if p.vpp < 2 or p.pp < 2:
+        raise ConfigError(f"parallel.vpp ({p.vpp}) must be >= 2 (or null: no virtual stages) "
+                          f"and needs parallel.pp > 1 (parallel.pp is {p.pp})")
     _divisible("model.num_layers", m.num_layers, "parallel.pp*parallel.vpp", p.pp * p.vpp)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     if microbatches % p.pp:

@@ -139,3 +139,22 @@ def lm_data(tmp_path_factory):
     meta = preprocess_lm({"train": str(root / "train.jsonl"), "valid": str(root / "valid.txt")},
                          str(root / "data"), vocab_size=1500)
     return root, meta, texts
+
+
+# The longest test files first (seconds of a full run on 2 cores, largest first): xdist's
+# ``--dist loadfile`` hands files to its workers in collection order, so a long file collected
+# last would run alone while the other worker idles (longest-first keeps both busy to the end).
+LONGEST_FIRST = [
+    "tests/multirank/test_convert.py", "tests/slurm/test_slurm_jobs.py",
+    "tests/multirank/test_checkpoint_reshard.py", "tests/integration/test_checkpoint_crash.py",
+    "tests/multirank/test_megatron_options.py", "tests/multirank/test_translation.py",
+    "tests/multirank/test_routers.py", "tests/multirank/test_routing_training.py",
+    "tests/multirank/test_gating_dropout.py", "tests/integration/test_study.py",
+    "tests/multirank/test_smoe_eval.py", "tests/integration/test_checkpoint_safety.py",
+    "tests/multirank/test_pipeline_options.py", "tests/integration/test_tokenizers.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable

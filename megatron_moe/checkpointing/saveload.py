@@ -331,7 +331,7 @@ def _keep_step(opt, model_param, tensors):
 def check_compatible(target: Path, index, state: dict, saved_cfg: dict, cfg: Config) -> None:
     """Every tensor to load exists in the checkpoint with this model's global shape."""
     saved = index.state_dict_metadata
-    problems = []
+    problems, vocabulary = [], None
     for section in ("model", "optimizer"):
         for tensor in _sharded_tensors(state.get(section, {})):
             meta = saved.get(tensor.key)
@@ -341,6 +341,17 @@ def check_compatible(target: Path, index, state: dict, saved_cfg: dict, cfg: Con
                     tensor, "allow_shape_mismatch", False):
                 problems.append((section, f"{tensor.key} has shape {tuple(meta.size)}, this "
                                           f"model needs {tuple(tensor.global_shape)}"))
+                if (tensor.key in ("embedding.word_embeddings.weight", "output_layer.weight")
+                        and vocabulary is None):
+                    vocabulary = (meta.size[0], tensor.global_shape[0])
+    if vocabulary is not None and len({p for _, p in problems if "embedding" not in p
+                                       and "output_layer" not in p}) == 0:
+        raise CheckpointError(
+            f"{target}: the vocabulary differs: the checkpoint's embedding has {vocabulary[0]} "
+            f"rows, this run's tokenizer gives {vocabulary[1]} (model.vocab_size "
+            f"{cfg.model.vocab_size}, padded to a multiple of model.make_vocab_size_divisible_by "
+            f"{cfg.model.make_vocab_size_divisible_by}); preprocess data.dir ({cfg.data.dir}) "
+            f"with the checkpoint's tokenizer (preprocess --tokenizer)")
     if not problems:
         return
     count = f"{len(problems)} tensor(s) do not match, e.g. {problems[0][1]}"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def export_hf(args, env, tmp: Path) -> float | None:
     _write_safetensors(tensors, tmp, int(args.max_shard_gb * 2**30))
     config = mixtral.hf_config(cfg, vocab, topk, args.dtype)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    _copy_tokenizer(args.tokenizer, cfg, tmp)
+    _write_tokenizer(args.tokenizer, cfg, tmp, info.path)
     if fallback:
         _progress(f"verification skipped: --fallback-topk changes how '{cfg.moe.router}' routes")
         return None
@@ -216,22 +215,26 @@ def _read_safetensors(directory: Path) -> dict:
     return tensors
 
 
-def _copy_tokenizer(explicit: str | None, cfg, directory: Path) -> None:
-    candidates = [explicit] if explicit else (
-        [str(Path(cfg.data.dir) / "spm.model")] if cfg.data.dir else [])
-    for path in candidates:
-        if path and Path(path).is_file():
-            shutil.copy(path, directory / "tokenizer.model")
-            (directory / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": False,
-                "add_eos_token": False}, indent=2) + "\n")
-            _progress(f"tokenizer {path} -> tokenizer.model")
-            return
-        if explicit:
+def _write_tokenizer(explicit: str | None, cfg, directory: Path, source: Path) -> None:
+    """The SentencePiece model as ``tokenizer.json`` (ids equal to SentencePiece's, special
+    symbols included) and ``tokenizer.model``, the generation settings, and for translation a
+    README with the prompt format (:mod:`megatron_moe.convert.hf_tokenizer`)."""
+    from megatron_moe.convert import hf_tokenizer
+
+    meta_path = Path(cfg.data.dir) / "meta.json" if cfg.data.dir else None
+    meta = json.loads(meta_path.read_text()) if meta_path and meta_path.is_file() else {}
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
             raise ConversionError(f"--tokenizer {explicit} does not exist")
-    _progress("no SentencePiece model found (byte-level or missing data.dir): no tokenizer "
-              "written; pass --tokenizer PATH to ship one")
+    elif cfg.data.dir and (Path(cfg.data.dir) / meta.get("tokenizer", "spm.model")).is_file():
+        path = Path(cfg.data.dir) / meta.get("tokenizer", "spm.model")
+    else:
+        _progress("no tokenizer found (byte-level data, or data.dir not on this machine): none "
+                  "written; pass --tokenizer PATH to ship one")
+        return
+    shipped = hf_tokenizer.write(str(path), meta, cfg, directory, str(source))
+    _progress(f"tokenizer {path} -> {shipped}; generation_config.json")
 
 
 def _hf_model(directory: Path):

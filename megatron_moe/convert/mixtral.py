@@ -164,14 +164,19 @@ def upcycle_overrides(hf: dict, path: str, experts: int, topk: int) -> list[str]
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConversionError(f"{path}: attention_bias / mlp_bias are not supported (no biases "
                               f"in megatron_moe's layers)")
+    scaling = hf.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        raise ConversionError(f"{path}: rope_scaling {scaling.get('rope_type', scaling)!r} is "
+                              f"not supported (plain RoPE only)")
     if not 2 <= topk <= experts:
         raise ConversionError(f"--topk {topk} must be between 2 and --upcycle-experts ({experts}): "
                               f"the router's softmax over the chosen k sums to 1, so k copies of "
                               f"the dense FFN give exactly the dense output; with k = 1 megatron "
                               f"scales the softmax over all experts and the output would not be "
                               f"the dense model's")
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     return overrides_from_hf({**hf, "model_type": "mixtral", "num_local_experts": experts,
-                              "num_experts_per_tok": topk}, path)
+                              "num_experts_per_tok": topk, "rope_theta": theta}, path)
 
 
 def upcycle_tensors(tensors: dict, num_layers: int, experts: int, hidden: int, std: float,

@@ -51,9 +51,11 @@ def with_layout(cfg: Config, tp: int = 1, pp: int = 1, ep: int = 1) -> Config:
     """The config for inference under (TP, PP, EP), ETP 1 (:func:`build` turns off sequence
     parallelism after validation, as megatron allows outside training)."""
     return from_dict(_as_dict(cfg), [f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                     f"parallel.ep={ep}", "parallel.etp=1",
-                                     "parallel.sequence_parallel=null", "model.recompute=none", "checkpoint.load=null",
-                                     "checkpoint.save=null"])
+                                     f"parallel.ep={ep}", "parallel.etp=1", "parallel.vpp=null",
+                                     "parallel.overlap_param_gather=false",
+                                     "parallel.sequence_parallel=null", "model.recompute=none",
+                                     "checkpoint.load=null", "checkpoint.save=null",
+                                     "checkpoint.finetune=false"])
 
 
 def _as_dict(cfg: Config) -> dict:
@@ -76,7 +78,7 @@ def build(cfg: Config, vocab_size: int, env, eval_topk: int | None = None):
     tconfig = transformer_config(cfg)
     tconfig.sequence_parallel = False
     context = RoutingContext(seed=cfg.train.seed)
-    model = build_model(cfg, tconfig, vocab_size, context)
+    model = build_model(cfg, tconfig, vocab_size, context, fresh=False)  # weights loaded next
     if eval_topk is not None:
         context.eval_topk = eval_topk
     model.eval()

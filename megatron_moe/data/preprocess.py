@@ -81,37 +81,38 @@ def train_sentencepiece(texts, directory: Path, vocab_size: int, seed: int,
     return str(directory / "spm.model")
 
 
-_WORKER_SP = None
+_WORKER = None  # (tokenizer, special ids, eos id) of a tokenisation process
 
 
-def _init_worker(model_path: str) -> None:
-    global _WORKER_SP  # one SentencePiece processor per worker process
-    import sentencepiece as spm
+def _init_worker(directory: str, meta: dict) -> None:
+    global _WORKER  # one tokenizer per worker process
+    from megatron_moe.data.text_tokenizers import open_data_tokenizer
 
-    _WORKER_SP = spm.SentencePieceProcessor(model_file=model_path)
+    specials = {**{lang_tag(lang): i for lang, i in meta["lang_ids"].items()}, SEP: meta["sep_id"]}
+    _WORKER = (open_data_tokenizer(directory, meta), specials, meta["eos_id"])
 
 
 def _encode_chunk(chunk: list[tuple[str, str, str]]):
+    tokenizer, specials, eos = _WORKER
     out = []
     for lang, src, tgt in chunk:
-        head = [_WORKER_SP.piece_to_id(lang_tag(lang))] + _WORKER_SP.encode(src) + [
-            _WORKER_SP.piece_to_id(SEP)]
-        out.append((head, _WORKER_SP.encode(tgt) + [EOS]))
+        head = [specials[lang_tag(lang)]] + tokenizer.encode(src) + [specials[SEP]]
+        out.append((head, tokenizer.encode(tgt) + [eos]))
     return out
 
 
-def tokenize(pairs: list[Pair], model_path: str, workers: int, label: str):
+def tokenize(pairs: list[Pair], directory: str, meta: dict, workers: int, label: str):
     chunks = [[(p.lang, p.src, p.tgt) for p in pairs[i:i + 2000]]
               for i in range(0, len(pairs), 2000)]
     progress = Progress(f"tokenize {label}", len(pairs))
     results = []
     if workers <= 1:
-        _init_worker(model_path)
+        _init_worker(directory, meta)
         for chunk in chunks:
             results.extend(_encode_chunk(chunk))
             progress.update(len(chunk))
         return results
-    with mp.get_context("spawn").Pool(workers, _init_worker, (model_path,)) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_worker, (directory, meta)) as pool:
         for encoded in pool.imap(_encode_chunk, chunks):  # imap keeps the input order
             results.extend(encoded)
             progress.update(len(encoded))
@@ -133,9 +134,27 @@ def write_split(prefix: str, encoded, langs: np.ndarray) -> dict:
     return {"pairs": len(encoded), "tokens": tokens}
 
 
+def vocabulary_meta(tokenizer, name: str, languages: list[str]) -> dict:
+    """meta.json's tokenizer fields: the file, special ids (language tags and <sep> added after
+    the tokenizer's vocabulary where it lacks them) and the model's vocabulary size."""
+    from megatron_moe.data.text_tokenizers import special_ids
+
+    if tokenizer.eos_id is None:
+        raise DataError(f"the tokenizer ({name}) has no end-of-sequence token")
+    ids, size = special_ids(tokenizer, [lang_tag(lang) for lang in languages] + [SEP])
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return {"tokenizer": name, "vocab_size": size, "pad_id": pad, "eos_id": tokenizer.eos_id,
+            "bos_id": tokenizer.bos_id, "sep_piece": SEP, "sep_id": ids[SEP],
+            "lang_ids": {lang: ids[lang_tag(lang)] for lang in languages},
+            "added_ids": size - tokenizer.size}
+
+
 def preprocess(splits: dict[str, str], output: str, vocab_size: int, workers: int = 1,
-               seed: int = 0, force: bool = False) -> dict:
-    """``splits`` maps split name -> file; ``train`` defines the languages and the vocabulary."""
+               seed: int = 0, force: bool = False, tokenizer: str | None = None) -> dict:
+    """``splits`` maps split name -> file; ``train`` defines the languages and (unless an
+    existing ``tokenizer`` is given, see :mod:`.text_tokenizers`) the vocabulary."""
+    from megatron_moe.data.text_tokenizers import SPM_FILE, SentencePieceTokenizer, install
+
     check_output(output, force, DataError)  # before reading the corpus
     pairs = {"train": read_pairs(splits["train"])}
     languages = sorted({p.lang for p in pairs["train"]})
@@ -143,13 +162,17 @@ def preprocess(splits: dict[str, str], output: str, vocab_size: int, workers: in
         if name != "train" and path:
             pairs[name] = read_pairs(path, languages=set(languages))
     with staged_directory(output, force, DataError) as tmp:
-        texts = (t for p in pairs["train"] for t in (p.src, p.tgt))
-        model = train_sentencepiece(texts, tmp, vocab_size, seed, languages)
-        meta = {"languages": languages, "vocab_size": vocab_size, "pad_id": PAD, "eos_id": EOS,
-                "bos_id": BOS, "sep_piece": SEP, "splits": {}}
+        if tokenizer:
+            vocab = install(tokenizer, tmp)
+        else:
+            texts = (t for p in pairs["train"] for t in (p.src, p.tgt))
+            vocab = SentencePieceTokenizer(train_sentencepiece(texts, tmp, vocab_size, seed,
+                                                               languages))
+        meta = {"languages": languages, **vocabulary_meta(vocab, vocab.file if tokenizer
+                                                          else SPM_FILE, languages), "splits": {}}
         index = {lang: i for i, lang in enumerate(languages)}
         for name, split_pairs in pairs.items():
-            encoded = tokenize(split_pairs, model, workers, name)
+            encoded = tokenize(split_pairs, str(tmp), meta, workers, name)
             langs = np.array([index[p.lang] for p in split_pairs])
             meta["splits"][name] = write_split(str(tmp / name), encoded, langs)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

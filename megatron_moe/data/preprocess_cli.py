@@ -7,7 +7,8 @@ import sys
 
 from megatron_moe.data.preprocess import preprocess
 
-HELP = "train SentencePiece and write megatron indexed datasets from TSV/JSONL pairs"
+HELP = ("tokenize (a SentencePiece model trained here, or --tokenizer) and write megatron indexed "
+        "datasets from TSV/JSONL pairs or LM text")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,7 +26,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid", help="validation pairs (default: the bundled sample's)")
     p.add_argument("--test", help="test pairs (default: the bundled sample's)")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--vocab-size", type=int, default=8000,
+                   help="size of the SentencePiece model to train (not with --tokenizer)")
+    p.add_argument("--tokenizer", help="use an existing tokenizer instead of training one: a "
+                   "SentencePiece .model, a tokenizers tokenizer.json (with its "
+                   "tokenizer_config.json) or a Hugging Face model directory holding either; "
+                   "the model's vocabulary follows it")
     p.add_argument("--workers", type=int, default=2, help="tokenisation processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -40,7 +46,7 @@ def run(args) -> int:
         if not args.train:
             raise DataError("--mode lm needs --train (a .txt or .jsonl file)")
         meta = preprocess_lm({"train": args.train, "valid": args.valid, "test": args.test},
-                             args.output, args.vocab_size, args.seed, args.force)
+                             args.output, args.vocab_size, args.seed, args.force, args.tokenizer)
         print(f"wrote {args.output}: vocabulary {meta['vocab_size']}; " + ", ".join(
             f"{k}: {v['documents']} documents / {v['tokens']} tokens"
             for k, v in meta["splits"].items()), file=sys.stderr)
@@ -50,7 +56,7 @@ def run(args) -> int:
               "valid": args.valid or (None if args.train else default_path("valid")),
               "test": args.test or (None if args.train else default_path("test"))}
     meta = preprocess({k: v for k, v in splits.items() if v}, args.output, args.vocab_size,
-                      args.workers, args.seed, args.force)
+                      args.workers, args.seed, args.force, args.tokenizer)
     counts = ", ".join(f"{k}: {v['pairs']} pairs / {v['tokens']} tokens"
                        for k, v in meta["splits"].items())
     print(f"wrote {args.output}: {len(meta['languages'])} languages, vocabulary "

@@ -13,7 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_moe.config import Config, moe_layer_pattern
-from megatron_moe.model.init import initialize_layout_independent
+from megatron_moe.model.init import INITS
 from megatron_moe.model.spec import decoder_block_spec, transformer_engine_usable
 from megatron_moe.routing.context import RoutingContext
 from megatron_moe.routing.registry import routing_method
@@ -166,11 +166,13 @@ def model_chunks(model: torch.nn.Module) -> list:
 
 
 def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int,
-                context: RoutingContext) -> torch.nn.Module:
+                context: RoutingContext, fresh: bool = True) -> torch.nn.Module:
     """GPTModel holding this rank's pipeline stage (:class:`ModelChunks` of its virtual stages
     with ``parallel.vpp``), on the compute device.
 
     ``context`` is shared by reference with every MoE layer and context-reading router.
+    ``fresh``: the weights are not loaded afterwards, so ``model.init`` draws them (a model
+    that will load a checkpoint keeps megatron's cheap on-device draws).
     """
     from megatron_moe.runtime.cpu_support import compute_device
 
@@ -198,8 +200,9 @@ def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int,
     model = stage(None) if vpp is None else ModelChunks([stage(i) for i in range(vpp)])
     mark_expert_parameters(model)
     model = model.to(compute_device())
-    if cfg.model.init == "layout_independent":
-        initialize_layout_independent(model, tconfig, cfg.train.seed)
+    initialize = INITS[cfg.model.init]
+    if fresh and initialize is not None:
+        initialize(model, tconfig, cfg.train.seed)
     return model
 
 

@@ -33,7 +33,6 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")  # output_layer_init_method
-INITS = ("megatron", "layout_independent")  # model.init
 
 
 def _key(seed: int, name: str) -> int:
@@ -97,6 +96,7 @@ def initialize_layout_independent(model: torch.nn.Module, tconfig, seed: int) ->
     """Overwrite this rank's randomly initialised weights (module docstring); return how many
     elements were drawn."""
     frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     drawn = 0
     for tensor in _sharded_tensors(model):
         data = tensor.data
@@ -108,6 +108,13 @@ def initialize_layout_independent(model: torch.nn.Module, tconfig, seed: int) ->
         shape = (1,) * tensor.prepend_axis_num + tuple(data.shape)
         values = global_slice(_key(seed, tensor.key), tensor.global_shape, tensor.global_offset,
                               shape)
+        if data.untyped_storage().data_ptr() not in storages:  # a copy would be drawn in vain
+            raise RuntimeError(f"model.init layout_independent: {tensor.key} is not a view of a "
+                               f"parameter in megatron's sharded state dict")
         data.copy_(torch.from_numpy(values * _std(tconfig, tensor.key)).reshape(data.shape))
         drawn += data.numel()
     return drawn
+
+
+# model.init: how a fresh model's weights are drawn after megatron built it (None: as built)
+INITS = {"megatron": None, "layout_independent": initialize_layout_independent}

@@ -46,7 +46,7 @@ from megatron_moe.config import Config
 from megatron_moe.runtime.distributed import max_over_ranks
 
 WARMUP_STEPS = 5  # steps of each process not timed: the first steps run slow (allocation, caches)
-REFIT_AT = 1 / 3  # a varying-cost run is re-fitted this far from the first fit to its end
+REFIT_AT = 1 / 3  # a fitted run is re-fitted once, this far from the first fit to its end
 SchedulePairs = Callable[[int, int], Optional[float]]  # (total steps, step) -> experts per token
 
 
@@ -119,9 +119,13 @@ class BudgetClock:
 
     def _refit(self, done: int) -> Optional[str]:
         """The one re-fit of a varying-cost run (module docstring)."""
+        if len(self._samples) < self.timing_steps and done + 1 < self.total_steps:
+            # resumed just before the re-fit: time as many steps as the first fit did
+            self.refit_step = done + self.timing_steps - len(self._samples)
+            return None
         self.refit_step = None
         cost = step_cost(self._samples)
-        if cost is None:  # no step timed in this process (resumed at the re-fit step)
+        if cost is None:
             return None
         a, b = cost
         remaining = self.budget_s - self.elapsed()

@@ -91,7 +91,7 @@ def periodic_bleu(run: Run) -> str:
     from megatron_moe.translation_eval import Translator
 
     translator = Translator(run)
-    samples, sp, langs = run.valid_samples, translator.sp, translator.meta["languages"]
+    samples, sp, langs = run.valid_samples, translator.tok, translator.meta["languages"]
     pairs = []
     for i in range(min(run.cfg.train.bleu_pairs, len(samples))):
         head, tail = samples.pair(i)
@@ -119,10 +119,12 @@ def _start(run: Run, logger: MetricsLogger, clock: BudgetClock, env: LaunchEnv) 
         return 0
     if finetune:
         loaded = load_checkpoint(load, run.cfg, run.model)
+        run.check_vocabulary(loaded)
         logger.note(f"fine-tuning from {load} ({loaded.path.name}, {loaded.step} steps trained): "
                     f"weights only, starting at step 0")
         return 0
     resumed = load_checkpoint(load, run.cfg, run.model, run.optimizer, run.scheduler)
+    run.check_vocabulary(resumed)
     use_fused_adam(run.optimizer)  # the loaded param_groups carry the saving run's flags
     run.sample_offset = resumed.consumed_samples - resumed.step * run.cfg.train.global_batch_size
     run.restore_extra(resumed.common, env.rank == 0)

@@ -128,7 +128,8 @@ class MetricsLogger:
             return
         filled = int(20 * step / max(total_steps, 1))
         parts = [f"step {step:>6d}/{total_steps} [{'#' * filled}{'.' * (20 - filled)}]"]
-        for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("z_loss", ".4f"), *self.method_fields,
+        for key, fmt in (("loss", ".4f"), ("aux_loss", ".4f"), ("seq_aux_loss", ".4f"),
+                         ("global_aux_loss", ".4f"), ("z_loss", ".4f"), *self.method_fields,
                          ("drop_rate", ".3f"), ("ep_mbytes", ".3f"), ("ep_mbytes_saved", ".3f"),
                          ("lr", ".3e"), ("grad_norm", ".3f"), ("tokens_per_s", ".0f"),
                          ("tflops", ".3g"), ("mfu", ".3f"), ("peak_mem_gib", ".2f"),

@@ -41,6 +41,7 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     sample_offset: int = 0  # consumed samples - step x global batch (set on resume)
+    vocab_size: int = 0  # the tokenizer's vocabulary (the model's is padded from it)
 
     @property
     def duplicated(self) -> bool:
@@ -64,7 +65,22 @@ class Run:
     def checkpoint_extra(self) -> dict:
         """Run state beyond megatron's that a checkpoint carries (collective: every rank calls)."""
         curriculum = self.context.sample_routing
-        return {"curriculum": curriculum.state()} if curriculum is not None else {}
+        extra = {"vocab_size": self.vocab_size}
+        return {**extra, "curriculum": curriculum.state()} if curriculum is not None else extra
+
+    def check_vocabulary(self, loaded) -> None:
+        """A checkpoint trained on another tokenizer's ids is refused (megatron loads any
+        embedding size, padding or cutting rows, so nothing else would notice)."""
+        from megatron_moe.checkpointing import CheckpointError
+
+        saved = loaded.common.get("vocab_size", loaded.common.get("hf_vocab_size"))
+        if saved is not None and int(saved) != self.vocab_size:
+            where = f"data.dir {self.cfg.data.dir}" if self.cfg.data.dir else \
+                f"data.tokenizer {self.cfg.data.tokenizer}"
+            raise CheckpointError(
+                f"{loaded.path}: the vocabulary differs: the checkpoint was trained on "
+                f"{saved} token ids, this run's tokenizer ({where}) has {self.vocab_size}; "
+                f"preprocess the data with the checkpoint's tokenizer (preprocess --tokenizer)")
 
     def restore_extra(self, common: dict, is_first_rank: bool) -> None:
         if self.context.sample_routing is not None and "curriculum" in common:
@@ -91,7 +107,7 @@ def load_samples(cfg: Config, split: str, tokenizer):
         t = cfg.train
         wanted = t.steps if split == "train" else t.eval_iters
         return GPTSamples(cfg.data.dir, split, cfg.model.seq_length,
-                          wanted * t.global_batch_size, t.seed)
+                          wanted * t.global_batch_size, t.seed, list(cfg.data.blend) or None)
     if cfg.data.format == "translation":
         training = split == "train"
         bucket = (cfg.data.bucket_window * cfg.train.global_batch_size, cfg.train.global_batch_size)
@@ -134,7 +150,7 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
         tconfig.sequence_parallel = False
     context = RoutingContext(seed=cfg.train.seed)
     vocab = vocab_size(cfg, tokenizer)
-    model = build_model(cfg, tconfig, vocab, context)
+    model = build_model(cfg, tconfig, vocab, context, fresh=training and not cfg.checkpoint.load)
     ddp = wrap_ddp(cfg, tconfig, model)
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model built in {time.perf_counter() - started:.1f}s: {n_params:,} parameters on rank 0 "
@@ -146,6 +162,7 @@ def setup_run(cfg: Config, env: LaunchEnv, training: bool, inference: bool = Fal
     run = Run(cfg, tconfig, model, ddp, train_samples, valid_samples, context, method,
               make_forward_step(context, method.loss_function(cfg, vocab), tconfig.sequence_parallel,
                                 token_loss=smoothed_token_loss(cfg.train.label_smoothing, vocab)))
+    run.vocab_size = vocab
     # 4. optimizer and schedule
     if training:
         run.optimizer = build_optimizer(cfg, tconfig, ddp)

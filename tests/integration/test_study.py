@@ -70,7 +70,7 @@ def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path
     assert proc.returncode == 0, (out + proc.stderr)[-3000:]
     assert "top2-s1: resuming from" in out and out.count("resuming from") == 1
     log = (tmp_path / "work" / "top2-s1" / "train.log").read_text()
-    assert "resumed from" in log and log.count("the schedules now end at step") == 1
+    assert "resumed from" in log and log.count("steps took") == 1  # timed once, re-fit aside
     records = tmp_path / "records"
     report = (records / "RESULTS.md").read_text()
     for rid in ("top2-s1", "top2-s2", "smoe-s1", "smoe-s2"):

@@ -175,8 +175,6 @@ def _random_llama(directory):
 
 
 def test_upcycled_dense_llama_computes_the_dense_model_and_trains_under_ep2(tmp_path):
-    from safetensors.torch import load_file
-
     source, upcycled = tmp_path / "llama", tmp_path / "upcycled"
     dense = _random_llama(source)
     proc = convert("--to", "megatron", "--load", str(source), "--output", str(upcycled),
@@ -189,15 +187,6 @@ def test_upcycled_dense_llama_computes_the_dense_model_and_trains_under_ep2(tmp_
     assert theirs.abs().max() > 1.0
     ours = _ours_under(upcycled, 1, 2, tokens, tmp_path)[..., :258]  # EP = 2
     assert (ours - theirs).abs().max() < 1e-4
-    # every expert is the dense MLP, bit for bit (round trip through the Mixtral export)
-    back = tmp_path / "back"
-    assert convert("--to", "hf", "--load", str(upcycled), "--output", str(back)).returncode == 0
-    moe, mlp = load_file(str(back / "model.safetensors")), load_file(str(source /
-                                                                        "model.safetensors"))
-    for e in range(4):
-        for ours_name, dense_name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            assert torch.equal(moe[f"model.layers.2.block_sparse_moe.experts.{e}.{ours_name}.weight"],
-                               mlp[f"model.layers.2.mlp.{dense_name}.weight"])
     # it trains from there under EP = 2 (the debug config has the dense model's shape)
     metrics = tmp_path / "m.jsonl"
     check(cli("train", f"checkpoint.load={upcycled}", "checkpoint.finetune=true", "parallel.ep=2",

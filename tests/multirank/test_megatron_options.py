@@ -2,8 +2,9 @@
 the config, where they change behaviour: aux-loss-free expert bias moves toward balance (the most
 loaded expert's bias falls) and is saved in the checkpoint; the sequence-level balancing loss
 differs from the micro-batch one and is the same under (TP, EP) = (1, 1) and (2, 2) from one
-checkpoint, and megatron's list form trains and logs several balancing losses; a model with shared experts and narrow (fine-grained) experts evaluates to the same
-validation loss under (1, 1, 1) and (2, 1, 2)."""
+checkpoint, and megatron's list form trains and logs several balancing losses; a model with
+shared experts and narrow (fine-grained) experts evaluates to the same validation loss under
+(1, 1, 1) and (2, 1, 2)."""
 
 import json
 
@@ -54,12 +55,8 @@ def test_expert_bias_moves_toward_balance_and_is_checkpointed(tmp_path):
         assert bias[most] < 0 < bias[least], (name, bias.tolist(), load[layer])
 
 
-def _first_step(out) -> dict:
-    return read_metrics(out)[0]
-
-
 def test_seq_aux_loss_differs_from_aux_loss_and_is_layout_independent(base_checkpoint, tmp_path):
-    common = ["train.steps=21", f"checkpoint.load={base_checkpoint}", "logging.interval=1",
+    common = ["train.steps=22", f"checkpoint.load={base_checkpoint}", "logging.interval=1",
               "checkpoint.load_optimizer=false"]
     values = {}
     both = ["moe.load_balancing=[seq_aux_loss, global_aux_loss]", "moe.aux_loss_coeff=[0.01, 0.02]"]
@@ -71,7 +68,7 @@ def test_seq_aux_loss_differs_from_aux_loss_and_is_layout_independent(base_check
         out = tmp_path / f"{name}.jsonl"
         check(cli("train", *common, *balancing, *layout, f"logging.metrics_file={out}",
                   nproc=nproc))
-        values[name] = _first_step(out)
+        values[name], values[name + "_2"] = read_metrics(out)[:2]
     assert abs(values["seq"]["aux_loss"] - values["aux"]["aux_loss"]) > 1e-4
     for key in ("aux_loss", "loss"):
         assert values["seq_tp2_ep2"][key] == pytest.approx(values["seq"][key], abs=1e-5), key
@@ -80,6 +77,7 @@ def test_seq_aux_loss_differs_from_aux_loss_and_is_layout_independent(base_check
     assert "aux_loss" not in listed and listed["global_aux_loss"] > 0
     assert listed["seq_aux_loss"] == pytest.approx(values["seq"]["aux_loss"], abs=1e-6)
     assert listed["loss"] == pytest.approx(values["seq"]["loss"], abs=1e-6)  # step 1: same weights
+    assert abs(values["list_2"]["loss"] - values["seq_2"]["loss"]) > 1e-6  # global loss trained
 
 
 def test_shared_experts_same_validation_loss_under_two_layouts(tmp_path):

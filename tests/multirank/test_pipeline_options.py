@@ -2,8 +2,8 @@
 ``parallel.overlap_param_gather`` change how the step runs, never what it computes:
 
 - PP=2 with 2 virtual stages trains the same losses as (1,1,1) with gating dropout on (whose draws
-  are keyed by the micro-batch, counted per model chunk), and evaluates a (1,1,1) checkpoint to
-  the same validation loss;
+  are keyed by the micro-batch, counted per model chunk), evaluates a (1,1,1) checkpoint to the
+  same validation loss, and its own checkpoint evaluates at (1,1,1) as it did in training;
 - the distributed optimizer with overlapped gradient reduce and parameter all-gather trains the
   same losses as without overlap, and its checkpoint holds the updated weights of every rank's
   shard (the gather is completed before saving)."""
@@ -22,15 +22,21 @@ def _losses(path) -> list[float]:
 
 
 def test_interleaved_pipeline_trains_and_evaluates_like_one_rank(tmp_path):
-    common = ["train.steps=3", "moe.gating_dropout.p=0.5", "moe.gating_dropout.mode=gate_expert_drop",
-              "model.init=layout_independent", "logging.interval=1"]  # one model in both layouts
+    common = ["train.steps=3", "moe.gating_dropout.p=0.5",
+              "moe.gating_dropout.mode=gate_expert_drop", "logging.interval=1",
+              "model.init=layout_independent"]  # one model in both layouts
     ckpt, one, vpp = tmp_path / "ckpt", tmp_path / "one.jsonl", tmp_path / "vpp.jsonl"
     check(cli("train", *common, f"checkpoint.save={ckpt}", f"logging.metrics_file={one}"))
-    check(cli("train", *common, *VPP, f"logging.metrics_file={vpp}", nproc=2))
+    check(cli("train", *common, *VPP, f"logging.metrics_file={vpp}",
+              f"checkpoint.save={tmp_path / 'vpp_ckpt'}", nproc=2))
     assert _losses(vpp) == pytest.approx(_losses(one), abs=1e-5)
     evaluated = last_json(check(cli("evaluate", *VPP, f"checkpoint.load={ckpt}", nproc=2)))
     assert evaluated["loss"] == pytest.approx(read_metrics(one, validation=True)[-1]["valid_loss"],
                                               abs=1e-5)
+    # and the other way: the checkpoint saved under virtual stages, evaluated at (1,1,1)
+    back = last_json(check(cli("evaluate", f"checkpoint.load={tmp_path / 'vpp_ckpt'}")))
+    assert back["loss"] == pytest.approx(read_metrics(vpp, validation=True)[-1]["valid_loss"],
+                                         abs=1e-5)
 
 
 def test_overlapped_param_gather_trains_the_same_and_saves_updated_weights(tmp_path):

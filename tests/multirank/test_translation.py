@@ -11,7 +11,7 @@ import pytest
 
 from megatron_moe.data.corpus import default_path
 from megatron_moe.data.preprocess import preprocess
-from tests.conftest import check, cli
+from tests.conftest import check, cli, launch, megatron_moe_cmd
 from tests.multirank._dist import configs_in_turn, launch_env, spawn
 
 
@@ -113,3 +113,55 @@ def test_translate_reads_stdin_and_rejects_pipeline_parallel(trained):
     assert bad.returncode == 2 and "unknown language tag 'xx'" in bad.stderr
     pp = cli("translate", *overrides, "parallel.pp=2", nproc=2)
     assert pp.returncode != 0 and "parallel.pp > 1 is not supported" in pp.stderr
+
+
+def _readme_snippet() -> str:
+    """The README's ``transformers`` example (the python block that loads the exported model)."""
+    from tests.conftest import REPO
+
+    blocks = (REPO / "README.md").read_text().split("```python\n")[1:]
+    (code,) = [b.split("```")[0] for b in blocks if "AutoModelForCausalLM" in b]
+    return code
+
+
+def test_export_translates_in_transformers_like_translate(trained, tmp_path):
+    """The HF export of a translation checkpoint: its tokenizer.json gives SentencePiece's ids on
+    every pair of the bundled validation sample, and the README's three lines, run as written on
+    the export, print what our own translate prints for that line."""
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    overrides, data = trained
+    ckpt = [o for o in overrides if o.startswith("checkpoint.load=")][0].split("=", 1)[1]
+    out = tmp_path / "hf"
+    check(launch(megatron_moe_cmd("convert", "--to", "hf", "--load", ckpt, "--output", str(out))))
+    assert {"tokenizer.json", "tokenizer.model", "generation_config.json",
+            "README.md"} <= {p.name for p in out.iterdir()}
+    sp, tok = spm.SentencePieceProcessor(model_file=str(data / "spm.model")), \
+        AutoTokenizer.from_pretrained(str(out))
+    with lzma.open(default_path("valid"), "rt", encoding="utf-8") as f:
+        pairs = [line.rstrip("\n").split("\t")[:3] for line in f]
+    for lang, src, tgt in pairs:
+        want = [sp.piece_to_id(f"<2{lang}>")] + sp.encode(src) + [sp.piece_to_id("<sep>")]
+        assert tok(f"<2{lang}>{src}<sep>").input_ids == want, src
+        assert tok(tgt).input_ids == sp.encode(tgt) and tok.decode(sp.encode(tgt)) == tgt, tgt
+    code = _readme_snippet().replace('"hf/a"', repr(str(out)))
+    hf = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert hf.returncode == 0, hf.stderr[-2000:]
+    ours = check(cli("translate", *overrides, input="de\tOpen the file.\n", timeout=300))
+    # the 60-step model's translation is poor (here a run of spaces), but token for token the same
+    assert hf.stdout == ours.stdout and len(ours.stdout.rstrip("\n")) > 0
+    # the export's tokenizer.json as preprocess --tokenizer: transformers' ids, stored as such
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    data = tmp_path / "retokenized"
+    meta = preprocess({"train": default_path("valid")}, str(data), 0, tokenizer=str(out))
+    assert meta["tokenizer"] == "tokenizer.json" and meta["added_ids"] == 0
+    assert meta["vocab_size"] == 2000 and meta["eos_id"] == tok.eos_token_id
+    stored = IndexedDataset(str(data / "train"))
+    for i, (lang, src, tgt) in enumerate(pairs):
+        assert stored[2 * i].tolist() == tok(f"<2{lang}>{src}<sep>").input_ids
+        assert stored[2 * i + 1].tolist() == tok(tgt).input_ids + [tok.eos_token_id]

@@ -14,6 +14,10 @@ def test_yaml_and_overrides_are_typed():
     assert cfg.parallel.tp == 2 and cfg.train.lr == 1e-4 and cfg.moe.dispatcher == "allgather"
     assert cfg.checkpoint.save == "/tmp/x" and cfg.model.moe_layer_freq == [1, 0, 1, 0]
     assert cfg.moe.num_experts == 4  # from the YAML
+    # YAML 1.1 reads 1e-4 (no dot) as a string; list elements are coerced like scalars
+    listed = load_config(DEBUG_CONFIG, ["moe.load_balancing=[seq_aux_loss, global_aux_loss]",
+                                        "moe.aux_loss_coeff=[1e-4, 1e-3]"])
+    assert listed.moe.aux_loss_coeff == [1e-4, 1e-3]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -81,7 +85,9 @@ def test_bad_keys_and_types(override, message):
      r"moe\.shared_expert_gate \(true\) needs moe\.shared_expert_ffn_hidden_size"),
     (["moe.shared_expert_ffn_hidden_size=64", "moe.shared_expert_overlap=true",
       "moe.dispatcher=allgather"], 1, r"moe\.shared_expert_overlap \(true\) needs moe\.dispatcher"),
-    (["parallel.vpp=2"], 1, r"parallel\.vpp \(2\) must be >= 1 and needs parallel\.pp > 1"),
+    (["parallel.vpp=2"], 1, r"parallel\.vpp \(2\) must be >= 2 \(or null: no virtual stages\) "
+                            r"and needs parallel\.pp > 1"),
+    (["parallel.pp=2", "parallel.vpp=1"], 2, r"parallel\.vpp \(1\) must be >= 2"),
     (["parallel.pp=2", "parallel.vpp=4"], 2,
      r"model\.num_layers \(4\) must be divisible by parallel\.pp\*parallel\.vpp \(8\)"),
     (["parallel.pp=2", "parallel.vpp=2", "train.micro_batch_size=4", "train.global_batch_size=12"],
@@ -98,6 +104,11 @@ def test_bad_keys_and_types(override, message):
     (["moe.aux_loss_coeff=[0.1, 0.1]"], 1, r"moe\.aux_loss_coeff \(\[0\.1, 0\.1\]\) is a list"),
     (["moe.router=adaptive", "moe.load_balancing=[aux_loss, seq_aux_loss]",
       "moe.aux_loss_coeff=[0.1, 0.1]"], 1, r"moe\.load_balancing .* needs megatron's router"),
+    (["data.blend=[0.5, runs/a]"], 1, r"data\.blend applies to data\.format lm, not 'text'"),
+    (["data.format=lm", "data.dir=runs/a", "data.blend=[0.5, runs/a, runs/b]"], 1,
+     r"data\.blend \(\[0\.5, 'runs/a', 'runs/b'\]\) must be \[weight, data dir.*3 entries"),
+    (["data.format=lm", "data.dir=runs/a", "data.blend=[0.5, runs/a, 0, runs/b]"], 1,
+     r"data\.blend entry 1 \(0, 'runs/b'\) must be a positive weight and a data directory"),
     (["model.init=random"], 1,
      r"model\.init \('random'\) must be one of: layout_independent, megatron"),
     (["model.recompute_modules=[core_attn, attention]"], 1,

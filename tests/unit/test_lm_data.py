@@ -48,3 +48,25 @@ def test_bad_jsonl_line_is_reported(tmp_path):
     with pytest.raises(DataError, match=r"bad\.jsonl:2: expected a JSON object with text"):
         preprocess_lm({"train": str(tmp_path / "bad.jsonl")}, str(tmp_path / "out"), 100)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_blend_samples_each_prefix_in_its_weight_and_refuses_another_tokenizer(lm_data, tmp_path):
+    """data.blend: megatron's BlendedDataset draws the training samples of two LM directories
+    (the second tokenized with the first's SentencePiece model, --tokenizer) 30:70 within 2%; a
+    directory with another tokenizer is refused by name."""
+    root, _, texts = lm_data
+    (tmp_path / "b.txt").write_text("\n".join(t[::-1] for t in texts[:3000]) + "\n")
+    other = tmp_path / "other"
+    meta = preprocess_lm({"train": str(tmp_path / "b.txt")}, str(other), vocab_size=0,
+                         tokenizer=str(root / "data" / "spm.model"))
+    assert meta["vocab_size"] == 1500 and meta["tokenizer"] == "spm.model"
+    blend = [0.3, str(root / "data"), 0.7, str(other)]
+    samples = GPTSamples(str(root / "data"), "train", seq_length=32, num_samples=2000, seed=5,
+                         blend=blend)
+    share = np.bincount(np.asarray(samples.dataset.dataset_index), minlength=2) / len(samples)
+    assert abs(share[0] - 0.3) < 0.02 and abs(share[1] - 0.7) < 0.02, share
+    third = tmp_path / "third"
+    preprocess_lm({"train": str(tmp_path / "b.txt")}, str(third), vocab_size=900)
+    with pytest.raises(DataError, match=r"data\.blend: .*third was tokenized differently"):
+        GPTSamples(str(root / "data"), "train", 32, 100, 5, blend=[0.5, str(root / "data"),
+                                                                   0.5, str(third)])

@@ -1,5 +1,5 @@
 """Tier: unit (static). The package metadata is the one truth about dependencies: requirements.txt
-pins exactly pyproject's dependencies plus its tensorboard and plots extras, and
+pins exactly pyproject's dependencies plus its tensorboard, plots and hf extras, and
 requirements-test.txt adds exactly its test extra, each at the same version. And git keeps the
 study records."""
 
@@ -25,7 +25,8 @@ def _pins(lines) -> dict[str, str]:
 def test_requirement_files_follow_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    runtime = _pins(project["dependencies"] + extras["tensorboard"] + extras["plots"])
+    runtime = _pins(project["dependencies"] + extras["tensorboard"] + extras["plots"]
+                    + extras["hf"])
     assert _pins((REPO / "requirements.txt").read_text().splitlines()) == runtime
     test_lines = (REPO / "requirements-test.txt").read_text().splitlines()
     assert "-r requirements.txt" in test_lines
