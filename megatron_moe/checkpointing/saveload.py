@@ -333,7 +333,7 @@ def check_compatible(target: Path, index, state: dict, saved_cfg: dict, cfg: Con
     saved = index.state_dict_metadata
     problems, vocabulary = [], None
     for section in ("model", "optimizer"):
-        for tensor in _sharded_tensors(state.get(section, {})):
+        for tensor in sharded_tensors(state.get(section, {})):
             meta = saved.get(tensor.key)
             if meta is None or not hasattr(meta, "size"):
                 problems.append((section, f"{tensor.key} is missing"))
@@ -363,7 +363,9 @@ def check_compatible(target: Path, index, state: dict, saved_cfg: dict, cfg: Con
                           + (f" (saved vs this run: {differences})" if differences else ""))
 
 
-def _sharded_tensors(sharded_state):
+def sharded_tensors(sharded_state):
+    """Every ShardedTensor of a sharded state dict, factories (e.g. the GLU halves of
+    ``linear_fc1``) built into their tensors (views of the weights)."""
     for value in nested_values(sharded_state):
         if isinstance(value, ShardedTensorFactory):
             yield from (v for v in nested_values(value.build()) if isinstance(v, ShardedTensor))

@@ -29,8 +29,8 @@ import math
 
 import numpy as np
 import torch
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from megatron_moe.checkpointing.saveload import sharded_tensors
 
 OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")  # output_layer_init_method
 
@@ -74,15 +74,6 @@ def global_slice(key: int, global_shape: tuple, offset: tuple, shape: tuple) -> 
     return out.reshape(shape)
 
 
-def _sharded_tensors(model: torch.nn.Module):
-    """The model's sharded tensors, factories (the GLU halves) built into views of the weights."""
-    for item in nested_values(model.sharded_state_dict()):
-        if isinstance(item, ShardedTensorFactory):
-            yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
-        elif isinstance(item, ShardedTensor):
-            yield item
-
-
 def _std(tconfig, key: str) -> float:
     if key.endswith(OUTPUT_PROJECTIONS):
         return tconfig.output_layer_init_method.keywords["std"]
@@ -98,7 +89,7 @@ def initialize_layout_independent(model: torch.nn.Module, tconfig, seed: int) ->
     frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     drawn = 0
-    for tensor in _sharded_tensors(model):
+    for tensor in sharded_tensors(model.sharded_state_dict()):
         data = tensor.data
         if data.numel() == 0 or data.data_ptr() in frozen or not data.is_floating_point():
             continue

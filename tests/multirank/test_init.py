@@ -22,7 +22,7 @@ CASES = [(f"{name}_{init}{'_tied' if tied else ''}",
 def _first_losses(rank, world, out):
     import torch
 
-    from megatron_moe.model.init import _sharded_tensors
+    from megatron_moe.checkpointing.saveload import sharded_tensors
     from megatron_moe.training.setup import setup_run
     from megatron_moe.training.step import forward_backward
 
@@ -38,7 +38,7 @@ def _first_losses(rank, world, out):
             s, n = result["lm_loss"]
             losses[name] = float(s / n)
         if name.startswith("dp2"):  # whole tensors on every rank
-            stds[name] = {t.key: float(t.data.float().std()) for t in _sharded_tensors(run.model)
+            stds[name] = {t.key: float(t.data.float().std()) for t in sharded_tensors(run.model.sharded_state_dict())
                           if t.data.numel() >= 256}
     if rank == world - 1:
         torch.save({"losses": losses, "stds": stds}, out)
