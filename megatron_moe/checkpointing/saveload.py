@@ -57,7 +57,7 @@ def layout(cfg: Config, world_size: int) -> dict:
 
 def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, scheduler=None,
                     extra: dict | None = None, consumed_samples: int | None = None,
-                    background: BackgroundSaves | None = None) -> Path:
+                    background: BackgroundSaves | None = None, strategy=None) -> Path:
     """Write ``iter_<step>`` collectively on all ranks (aside, then published; see :mod:`.store`).
 
     Without ``optimizer`` (a converted model) only the weights are written; ``extra`` adds
@@ -91,7 +91,7 @@ def save_checkpoint(root: str, step: int, cfg: Config, model, optimizer=None, sc
         state["optimizer"] = optimizer.sharded_state_dict(state["model"],
                                                           metadata=OPTIMIZER_METADATA)
     if background is None:
-        _write(state, staged)
+        _write(state, staged, **({"sharded_strategy": strategy} if strategy else {}))
         _publish(root, staged, step, cfg.checkpoint.keep_last)
     else:
         request = _write(state, staged, async_sharded_save=True)

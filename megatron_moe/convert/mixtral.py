@@ -80,6 +80,9 @@ def export_topk(cfg: Config, topk: int | None, fallback: bool) -> int:
     if any(flag == 0 for flag in moe_layer_pattern(cfg.model)):
         raise ConversionError(f"model.moe_layer_freq ({cfg.model.moe_layer_freq}) has dense "
                               f"layers; Mixtral has an MoE block in every layer")
+    if cfg.moe.score_function != "softmax":
+        raise ConversionError(f"moe.score_function is {cfg.moe.score_function!r}; Mixtral's "
+                              f"router is a softmax")
     return routing_method(cfg).export_topk(cfg, topk, fallback)
 
 
@@ -98,7 +101,7 @@ def hf_config(cfg: Config, vocab_size: int, topk: int, dtype: str) -> dict:
         "model_type": "mixtral",
         "vocab_size": vocab_size,
         "hidden_size": m.hidden_size,
-        "intermediate_size": m.ffn_hidden_size,
+        "intermediate_size": cfg.moe.ffn_hidden_size or m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
@@ -179,30 +182,6 @@ def upcycle_overrides(hf: dict, path: str, experts: int, topk: int) -> list[str]
                               "num_experts_per_tok": topk, "rope_theta": theta}, path)
 
 
-def upcycle_tensors(tensors: dict, num_layers: int, experts: int, hidden: int, std: float,
-                    seed: int, path: str) -> dict:
-    """Dense Llama/Mistral tensors -> Mixtral-layout tensors (megatron-core's upcycling, without
-    granularity): every expert of layer i is layer i's dense MLP (gate = w1, up = w3, down =
-    w2) and the router is drawn N(0, std) from ``seed``. Before training the MoE computes the
-    dense model (the top-k weights sum to 1 over k identical experts); training then lets the
-    copies diverge."""
-    out = {k: v for k, v in tensors.items() if ".mlp." not in k}
-    generator = torch.Generator().manual_seed(seed)
-    for i in range(num_layers):
-        dense = [f"model.layers.{i}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-        missing = [n for n in dense if n not in tensors]
-        if missing:
-            raise ConversionError(f"{path}: tensor {missing[0]} is missing (a dense model's MLP)")
-        gate, up, down = (tensors[n] for n in dense)
-        for e in range(experts):
-            prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}."
-            out[prefix + "w1.weight"], out[prefix + "w3.weight"] = gate, up
-            out[prefix + "w2.weight"] = down
-        out[f"model.layers.{i}.block_sparse_moe.gate.weight"] = (
-            torch.randn(experts, hidden, generator=generator) * std)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------------
@@ -227,67 +206,24 @@ def _qkv_join(cfg: Config, q, k, v) -> torch.Tensor:
     return torch.cat(parts, dim=1).reshape(-1, hidden)
 
 
-def to_hf(cfg: Config, state: dict, vocab_size: int) -> dict[str, torch.Tensor]:
-    """megatron state dict (one full model) -> Hub-layout Mixtral tensors."""
-    out = {}
-    for meg, hf, kind in table(cfg.model.num_layers, cfg.moe.num_experts,
-                               cfg.model.share_embeddings):
-        if meg not in state:
-            raise ConversionError(f"checkpoint has no tensor {meg}")
-        w = state[meg].detach().float()
-        if kind == "qkv":
-            parts = _qkv_split(cfg, w)
-        elif kind == "glu":
-            parts = torch.chunk(w, 2, dim=0)
-        elif kind == "vocab":
-            parts = (w[:vocab_size],)
-        else:
-            parts = (w,)
-        for name, t in zip(hf, parts):
-            out[name] = t.contiguous().clone()
-    return out
+def to_hf_parts(cfg: Config, kind: str, w: torch.Tensor, vocab_size: int) -> tuple:
+    """One megatron weight -> its Hugging Face tensor(s), in the row's order of names (views)."""
+    if kind == "qkv":
+        return _qkv_split(cfg, w)
+    if kind == "glu":
+        return torch.chunk(w, 2, dim=0)
+    if kind == "vocab":
+        return (w[:vocab_size],)
+    return (w,)
 
 
-def from_hf(cfg: Config, tensors: dict, padded_vocab: int, path: str) -> dict[str, torch.Tensor]:
-    """Hub-layout Mixtral tensors -> megatron state dict (one full model), checking every name."""
-    tensors = _unfuse_experts(dict(tensors), cfg.moe.num_experts)
-    tensors = {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in tensors.items()}
-    expected = set()
-    state = {}
-    for meg, hf, kind in table(cfg.model.num_layers, cfg.moe.num_experts,
-                               cfg.model.share_embeddings):
-        missing = [h for h in hf if h not in tensors]
-        if missing:
-            raise ConversionError(f"{path}: tensor {missing[0]} is missing "
-                                  f"({len(missing)} of the names {meg} needs)")
-        expected.update(hf)
-        parts = [tensors[h].float() for h in hf]
-        if kind == "qkv":
-            w = _qkv_join(cfg, *parts)
-        elif kind == "glu":
-            w = torch.cat(parts, dim=0)
-        elif kind == "vocab":
-            w = parts[0]
-            if w.shape[0] < padded_vocab:
-                w = torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], w.shape[1])])
-        else:
-            w = parts[0]
-        state[meg] = w
-    unused = sorted(set(tensors) - expected - {"lm_head.weight"})
-    if unused:
-        raise ConversionError(f"{path}: {len(unused)} tensors have no place in the model, e.g. "
-                              f"{unused[0]} (wrong architecture?)")
-    return state
-
-
-def _unfuse_experts(tensors: dict, num_experts: int) -> dict:
-    """transformers >= 5 saves experts fused (``mlp.experts.gate_up_proj`` [E, 2F, H] and
-    ``mlp.experts.down_proj`` [E, H, F]); split them into the Hub's per-expert w1/w3/w2."""
-    for name in [n for n in tensors if n.endswith(".experts.gate_up_proj")]:
-        prefix = name[: -len("gate_up_proj")]
-        gate_up, down = tensors.pop(name), tensors.pop(prefix + "down_proj")
-        for e in range(num_experts):
-            w1, w3 = torch.chunk(gate_up[e], 2, dim=0)
-            tensors[f"{prefix}{e}.w1.weight"], tensors[f"{prefix}{e}.w3.weight"] = w1, w3
-            tensors[f"{prefix}{e}.w2.weight"] = down[e]
-    return tensors
+def from_hf_parts(cfg: Config, kind: str, parts: list, padded_vocab: int) -> torch.Tensor:
+    """A row's Hugging Face tensor(s) -> the megatron weight (the vocabulary padded with zeros)."""
+    if kind == "qkv":
+        return _qkv_join(cfg, *parts)
+    if kind == "glu":
+        return torch.cat(parts, dim=0)
+    w = parts[0]
+    if kind == "vocab" and w.shape[0] < padded_vocab:
+        w = torch.cat([w, w.new_zeros(padded_vocab - w.shape[0], *w.shape[1:])])
+    return w

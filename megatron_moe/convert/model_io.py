@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_moe.checkpointing import CheckpointError, load_checkpoint, resolve
@@ -47,10 +46,13 @@ def inspect(root: str) -> CheckpointInfo:
     return CheckpointInfo(target, cfg, int(embedding.size[0]), common)
 
 
-def with_layout(cfg: Config, tp: int = 1, pp: int = 1, ep: int = 1) -> Config:
+def with_layout(cfg: Config, tp: int = 1, pp: int = 1, ep: int = 1,
+                precision: str | None = None) -> Config:
     """The config for inference under (TP, PP, EP), ETP 1 (:func:`build` turns off sequence
-    parallelism after validation, as megatron allows outside training)."""
-    return from_dict(_as_dict(cfg), [f"parallel.tp={tp}", f"parallel.pp={pp}",
+    parallelism after validation, as megatron allows outside training); ``precision`` sets
+    ``train.precision`` (the weights' dtype)."""
+    extra = [f"train.precision={precision}"] if precision else []
+    return from_dict(_as_dict(cfg), extra + [f"parallel.tp={tp}", f"parallel.pp={pp}",
                                      f"parallel.ep={ep}", "parallel.etp=1", "parallel.vpp=null",
                                      "parallel.overlap_param_gather=false",
                                      "parallel.sequence_parallel=null", "model.recompute=none",
@@ -64,21 +66,30 @@ def _as_dict(cfg: Config) -> dict:
     return to_dict(cfg)
 
 
-def build(cfg: Config, vocab_size: int, env, eval_topk: int | None = None):
-    """Process groups (if needed) and this rank's GPTModel in eval mode, randomly initialised.
+def build(cfg: Config, vocab_size: int, env, eval_topk: int | None = None, meta: bool = False):
+    """Process groups (if needed) and this rank's GPTModel in eval mode, randomly initialised
+    (``meta``: on the meta device, no storage, for the streaming converter).
 
     ``eval_topk``: experts per token for SMoE-Dropout's router (None: the config's)."""
+    from contextlib import nullcontext
+
     from megatron_moe.model.build import build_model, transformer_config
     from megatron_moe.routing.context import RoutingContext
     from megatron_moe.runtime.distributed import init_distributed
     from megatron_moe.validation import validate
 
     validate(cfg, env.world_size)
+    if parallel_state.model_parallel_is_initialized():  # a second model (e.g. after a skeleton)
+        parallel_state.destroy_model_parallel()
     init_distributed(cfg, env)
     tconfig = transformer_config(cfg)
     tconfig.sequence_parallel = False
+    # megatron allocates on the current (CUDA) device unless it initialises on the CPU, where it
+    # uses the default device, which the meta context sets
+    tconfig.use_cpu_initialization = tconfig.use_cpu_initialization or meta
     context = RoutingContext(seed=cfg.train.seed)
-    model = build_model(cfg, tconfig, vocab_size, context, fresh=False)  # weights loaded next
+    with torch.device("meta") if meta else nullcontext():
+        model = build_model(cfg, tconfig, vocab_size, context, fresh=False)  # loaded next
     if eval_topk is not None:
         context.eval_topk = eval_topk
     model.eval()
@@ -105,11 +116,3 @@ def logits(model, tokens_BS: torch.Tensor) -> torch.Tensor | None:
     positions = torch.arange(tokens_BS.shape[1], device=tokens_BS.device).expand_as(tokens_BS)
     out = model(tokens_BS, positions, attention_mask=None, runtime_gather_output=True)
     return out.float().cpu()
-
-
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's weights by name (single-rank layout), without TE/extra-state entries."""
-    if dist.is_initialized() and dist.get_world_size() != 1:
-        raise ConfigError("export builds the model on one process (TP = PP = EP = 1)")
-    return {k: v for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}

@@ -199,7 +199,8 @@ def build_model(cfg: Config, tconfig: TransformerConfig, vocab_size: int,
     vpp = cfg.parallel.vpp
     model = stage(None) if vpp is None else ModelChunks([stage(i) for i in range(vpp)])
     mark_expert_parameters(model)
-    model = model.to(compute_device())
+    if not next(model.parameters()).is_meta:  # a skeleton (built under torch.device("meta")) stays
+        model = model.to(compute_device())
     initialize = INITS[cfg.model.init]
     if fresh and initialize is not None:
         initialize(model, tconfig, cfg.train.seed)

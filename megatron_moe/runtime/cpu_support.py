@@ -41,6 +41,14 @@ What it changes, and why (each item is one function below):
    refuses (the alltoall dispatcher does this under TP>1). Replace the uneven case with a padded
    even all-gather (gather) and an all-reduce followed by a local slice (reduce-scatter).
 
+7. On a CPU-only torch build, megatron-core is imported with ``torch.compile`` as a no-op
+   (:func:`import_megatron_without_compile`, installed when ``megatron_moe`` is imported, before
+   anything imports megatron). megatron binds its ``jit_fuser`` to ``torch.compile`` and decorates
+   its fused kernels at import time, which imports TorchInductor: 1.3 s of every process's
+   3.1 s ``import megatron.core`` here (measured), for kernels our configs switch off. The few
+   ``jit_fuser`` functions that do run (e.g. the expert-bias token count) run eagerly instead of
+   being compiled by inductor's C++ toolchain. A CUDA build of torch is left untouched.
+
 Not handled here because it is not CPU-specific: megatron's ``WrappedTorchNorm`` refuses sequence
 parallelism on any device without apex/TE; :mod:`megatron_moe.model.norm` provides the replacement.
 The router's missing ``te_general_gemm`` without TE is fixed in :mod:`megatron_moe.runtime.te_fallback`.
@@ -50,7 +58,10 @@ The router's missing ``te_general_gemm`` without TE is fixed in :mod:`megatron_m
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -78,6 +89,49 @@ def distributed_backend() -> str:
 def is_applied() -> bool:
     """Whether :func:`apply_cpu_support` has patched this process."""
     return getattr(torch.cuda, "_megatron_moe_cpu_support", False)
+
+
+def import_megatron_without_compile() -> None:
+    """Item 7: on a CPU-only torch build, make the first ``import megatron.core`` run with
+    ``torch.compile`` as a no-op (restored once megatron's package has loaded)."""
+    if torch.backends.cuda.is_built() or "megatron.core" in sys.modules:
+        return
+    if not any(isinstance(finder, _MegatronFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _MegatronFinder())
+
+
+def _no_compile(model=None, **kwargs):
+    return model if model is not None else (lambda fn: fn)
+
+
+class _MegatronFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "megatron.core":
+            return None
+        sys.meta_path.remove(self)  # once; the regular finders locate the package
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CompileFreeLoader(spec.loader)
+        return spec
+
+
+class _CompileFreeLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):  # resources, source, ... of the real loader
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        compile_ = torch.compile
+        torch.compile = _no_compile
+        try:
+            self._loader.exec_module(module)
+        finally:
+            torch.compile = compile_
 
 
 def apply_cpu_support() -> bool:

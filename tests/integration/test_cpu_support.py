@@ -92,3 +92,36 @@ def test_router_gating_runs_without_transformer_engine():
         print("gated")
     """)
     assert "gated" in out
+
+
+def test_megatron_imports_without_compiling_on_a_cpu_build_only():
+    """Item 7: megatron's jit_fuser is a no-op and TorchInductor is never imported on a CPU-only
+    torch build; torch.compile itself is left as it was. On a CUDA build nothing is installed."""
+    out = run_python("""
+        import sys
+        import torch
+        compile_ = torch.compile
+        import megatron_moe  # installs the import hook before megatron is imported
+        import megatron.core
+        from megatron.core import jit
+        def kernel(x):
+            return x
+        if torch.backends.cuda.is_built():
+            assert jit.jit_fuser is torch.compile
+        else:
+            assert jit.jit_fuser(kernel) is kernel
+            assert "torch._inductor.compile_fx" not in sys.modules
+        assert torch.compile is compile_
+        print("ok")
+    """)
+    assert "ok" in out
+    out = run_python("""
+        import sys
+        from unittest import mock
+        import torch
+        with mock.patch.object(torch.backends.cuda, "is_built", return_value=True):
+            import megatron_moe
+        assert not any(type(f).__name__ == "_MegatronFinder" for f in sys.meta_path)
+        print("inert")
+    """)
+    assert "inert" in out

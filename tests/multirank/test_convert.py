@@ -3,7 +3,8 @@
 megatron_moe <-> Hugging Face Mixtral: a checkpoint trained under (TP2, EP2) exports to a sharded
 Hub-layout directory that ``MixtralForCausalLM.from_pretrained`` loads, with logits equal to ours
 under the training layout (< 1e-4, fp32); a randomly initialised HF Mixtral imports and matches HF's
-logits under (TP2, EP2); the round trip gives back every tensor, each expert weight bit for bit;
+logits under (TP2, EP2), read from transformers 5's fused-expert layout; the round trip gives
+back every tensor bit for bit in the Hub's layout;
 SMoE-Dropout exports at a chosen k; bad sources fail with a clear message and leave nothing behind.
 """
 
@@ -77,7 +78,9 @@ def test_export_loads_in_transformers_with_matching_logits(trained_tp2_ep2, tmp_
     assert (ours - theirs).abs().max() < 1e-4
 
 
-def _random_mixtral(directory):
+def _random_mixtral(directory, fused=False):
+    """A random Mixtral saved in the Hub's layout, or (``fused``) in transformers 5's own layout
+    (experts fused into gate_up_proj / down_proj, the router as mlp.gate)."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -92,14 +95,17 @@ def _random_mixtral(directory):
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0, 0.15)
-    model.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), save_original_format=not fused)
 
 
 def test_import_random_mixtral_under_tp2_ep2_and_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     source, imported, back = tmp_path / "src", tmp_path / "imported", tmp_path / "back"
-    _random_mixtral(source)
+    _random_mixtral(source, fused=True)  # transformers 5's layout; the Hub's is read elsewhere
+    hub = tmp_path / "hub"
+    _random_mixtral(hub)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(str(source / "model.safetensors"))
     proc = convert("--to", "megatron", "--load", str(source), "--output", str(imported))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert last_json(proc)["max_logit_diff"] < 1e-4
@@ -109,9 +115,11 @@ def test_import_random_mixtral_under_tp2_ep2_and_round_trip(tmp_path):
     ours = _ours_under(imported, 2, 2, tokens, tmp_path)[..., :300]
     assert (ours - theirs).abs().max() < 1e-4
     # round trip: every tensor comes back, expert weights bit for bit
-    proc = convert("--to", "hf", "--load", str(imported), "--output", str(back))
+    proc = convert("--to", "hf", "--load", str(imported), "--output", str(back), "--verify", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = load_file(str(source / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    round_trip = last_json(proc)["round_trip"]
+    assert round_trip["equal"] == round_trip["tensors"] == 2 * (7 + 4 * 3) + 3
+    a, b = load_file(str(hub / "model.safetensors")), load_file(str(back / "model.safetensors"))
     assert set(a) == set(b)
     experts = [k for k in a if ".experts." in k]
     assert len(experts) == 2 * 4 * 3

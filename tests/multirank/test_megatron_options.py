@@ -4,14 +4,14 @@ loaded expert's bias falls) and is saved in the checkpoint; the sequence-level b
 differs from the micro-batch one and is the same under (TP, EP) = (1, 1) and (2, 2) from one
 checkpoint, and megatron's list form trains and logs several balancing losses; a model with
 shared experts and narrow (fine-grained) experts evaluates to the same validation loss under
-(1, 1, 1) and (2, 1, 2)."""
+(1, 1, 1) and (2, 1, 2), and its export to Mixtral (which has no shared experts) is refused."""
 
 import json
 
 import pytest
 import torch
 
-from tests.conftest import check, cli, last_json, read_metrics
+from tests.conftest import check, cli, last_json, launch, megatron_moe_cmd, read_metrics
 from tests.multirank._dist import launch_env, spawn
 
 pytestmark = pytest.mark.multirank
@@ -91,3 +91,8 @@ def test_shared_experts_same_validation_loss_under_two_layouts(tmp_path):
         losses.append(last_json(out)["loss"])
     assert abs(losses[0] - losses[1]) < 1e-5, losses
     assert json.dumps(losses)  # both finite numbers
+    # Mixtral has no shared experts: the export refuses instead of dropping them
+    proc = launch(megatron_moe_cmd("convert", "--to", "hf", "--load", str(ckpt), "--output",
+                                   str(tmp_path / "hf")))
+    assert proc.returncode == 2 and "Mixtral has no place for" in proc.stderr
+    assert "shared_experts" in proc.stderr and not (tmp_path / "hf").exists()

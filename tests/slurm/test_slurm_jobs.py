@@ -79,7 +79,7 @@ def _train_settings(run_dir: Path, steps: int, extra: str = "") -> dict:
 def test_training_job_completes_and_requeued_job_resumes(cluster, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
     job = _submit(cluster, "train.sbatch", log, "--ntasks=2",
-                  **_train_settings(run_dir, 30), SAVE_INTERVAL="5")
+                  **_train_settings(run_dir, 15), SAVE_INTERVAL="5")
     ckpt = run_dir / "checkpoints"
     _wait_for(lambda: _saved_step(ckpt) >= 5, 300, "the first checkpoint", cluster, job, log)
     assert cluster.state(job) == "RUNNING"
@@ -92,17 +92,17 @@ def test_training_job_completes_and_requeued_job_resumes(cluster, tmp_path):
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
     assert resumed >= 5
     steps = [int(m.group(1)) for m in STEPS_LINE.finditer(text)]
-    assert steps[0] == 1 and steps[-1] == 30  # loss lines from both runs
+    assert steps[0] == 1 and steps[-1] == 15  # loss lines from both runs
     after = steps[steps.index(resumed + 1, 1):] if resumed + 1 in steps[1:] else []
     assert after and after[0] == resumed + 1  # the second run continued, not restarted at step 1
     assert steps.count(1) == 1
-    assert _saved_step(ckpt) == 30
+    assert _saved_step(ckpt) == 15
 
 
 def test_time_limit_signal_saves_and_requeues(cluster, tmp_path):
     """What --signal=B:USR1@120 does before the time limit, sent by hand with scancel."""
     run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    job = _submit(cluster, "train.sbatch", log, "--ntasks=2", **_train_settings(run_dir, 60),
+    job = _submit(cluster, "train.sbatch", log, "--ntasks=2", **_train_settings(run_dir, 40),
                   SAVE_INTERVAL="1000")
     _wait_for(lambda: log.exists() and re.search(r"^step\s+3/", log.read_text(), re.M), 300,
               "training to start", cluster, job, log)
@@ -112,10 +112,10 @@ def test_time_limit_signal_saves_and_requeues(cluster, tmp_path):
     assert state == "COMPLETED", text[-3000:]
     stopped = int(re.search(r"stop signal \(SIGUSR1\) after step (\d+): checkpoint saved",
                             text).group(1))
-    assert 3 <= stopped < 60
+    assert 3 <= stopped < 40
     assert f"requeueing job {job}" in text
     assert f"at step {stopped}" in text and cluster.restarts(job) == 1
-    assert _saved_step(run_dir / "checkpoints") == 60
+    assert _saved_step(run_dir / "checkpoints") == 40
 
 
 def test_preprocess_job(cluster, tmp_path):
