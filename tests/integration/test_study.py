@@ -1,8 +1,8 @@
-"""Tier: integration (the study runner as a user starts it, which starts the CLI). A two-run plan
-(two seeds of top-2, one of SMoE-Dropout) on the debug config runs end to end (train at a budget,
-evaluate, SMoE k sweep, records, RESULTS.md with its tables and the PNG plots): the runner is
-killed with SIGKILL in the first run and started again, resumes that run from its checkpoint (its
-fitted schedule kept) and finishes the plan; a third call only regenerates the report. Processes of a run that a killed
+"""Tier: integration (the study runner as a user starts it, which starts the CLI). A two-run,
+two-seed plan on the debug config runs end to end (train at a budget, evaluate, SMoE k sweep,
+records, RESULTS.md with its tables and the PNG plots): the runner is killed with SIGKILL in the
+first run and started again, resumes that run from its checkpoint (its fitted schedule kept) and
+finishes the plan; a third call only regenerates the report. Processes of a run that a killed
 runner left behind are ended before the run resumes."""
 
 import json
@@ -46,8 +46,7 @@ def _study(plan, tmp_path, *args, background=False):
 
 
 RUNS = [{"name": "top2", "label": "top-2"},
-        {"name": "smoe", "overrides": ["moe.router=smoe_dropout"], "eval_k": [1, 2],
-         "seeds": [1]}]
+        {"name": "smoe", "overrides": ["moe.router=smoe_dropout"], "eval_k": [1, 2]}]
 
 
 def _kill_runner_mid_run(plan, tmp_path) -> None:
@@ -66,7 +65,7 @@ def _kill_runner_mid_run(plan, tmp_path) -> None:
 def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path):
     plan = _plan(tmp_path, RUNS, budget=0.07, extra=["checkpoint.interval=5"])
     _kill_runner_mid_run(plan, tmp_path)
-    proc = _study(plan, tmp_path)  # resumes top2-s1, then runs the other two
+    proc = _study(plan, tmp_path)  # resumes top2-s1, then runs the other three
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-3000:]
     assert "top2-s1: resuming from" in out and out.count("resuming from") == 1
@@ -74,16 +73,16 @@ def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path
     assert "resumed from" in log and log.count("steps took") == 1  # timed once, re-fit aside
     records = tmp_path / "records"
     report = (records / "RESULTS.md").read_text()
-    for rid in ("top2-s1", "top2-s2", "smoe-s1"):
+    for rid in ("top2-s1", "top2-s2", "smoe-s1", "smoe-s2"):
         run = json.loads((records / "runs" / rid / "run.json").read_text())
         steps = run["summary"]["steps"]
         assert steps > 10 and run["summary"]["train_s"] > 0
         assert any("megatron_moe train" in c for c in run["commands"])
         name, seed = rid.split("-s")
         assert f"| {name} | {seed} | {steps} / " in report  # runs table row
-    assert "3 of 3 runs finished" in report
+    assert "4 of 4 runs finished" in report
     assert "| SMoE-Dropout no worse than top-2 | beats dense | smoe valid_loss:" in report
-    assert "| smoe-s1 | 1 |" in report and "| smoe-s2 |" not in report  # k sweep rows
+    assert "| smoe-s1 | 1 |" in report and "| smoe-s2 | 2 |" in report  # k sweep rows
     assert "smoe_k_sweep.py" in report  # the sweep's command is listed
     for png in ("valid_loss_time", "valid_loss_step", "cost", "expert_load", "smoe_k"):
         assert (records / f"{png}.png").stat().st_size > 5000, png
@@ -92,7 +91,7 @@ def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path
     before = {p: p.stat().st_mtime_ns for p in (records / "runs").rglob("*")}
     (records / "RESULTS.md").unlink()
     again = _study(plan, tmp_path)
-    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 3
+    assert again.returncode == 0 and again.stdout.count("finished earlier, skipped") == 4
     assert "megatron_moe train" not in again.stdout and (records / "RESULTS.md").exists()
     assert {p: p.stat().st_mtime_ns for p in (records / "runs").rglob("*")} == before
     assert not _tagged_pids(str((tmp_path / "work" / "top2-s1").resolve()))
