@@ -108,13 +108,15 @@ def export_hf(args, env, tmp: Path) -> dict:
     params = sum(t.numel() for t in streaming.weights(model).values())
     _progress(f"export {info.path} -> {args.output}: {params:,} parameters, k={topk}, "
               f"{_DTYPE_NAMES[dtype]} (stored {_DTYPE_NAMES[stored]}), one layer at a time")
+    record = _checksum_record(info.path, dtype)  # hash what is written only to compare it
     digests = streaming.export_weights(info.path, cfg, model, vocab, dtype, tmp,
-                                       int(args.max_shard_gb * 2**30), _progress)
+                                       int(args.max_shard_gb * 2**30), _progress,
+                                       hashed=record is not None)
     del model
     config = mixtral.hf_config(cfg, vocab, topk, _DTYPE_NAMES[dtype])
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _write_tokenizer(args.tokenizer, cfg, tmp, info.path)
-    result = {"round_trip": _round_trip(info.path, digests, dtype)}
+    result = {"round_trip": _round_trip(record, digests)}
     if fallback:
         _progress(f"verification skipped: --fallback-topk changes how '{cfg.moe.router}' routes")
     elif _verifiable(args, params):
@@ -226,9 +228,9 @@ def _check_source(tensors, expected, source: Path) -> None:
                               f"{unused[0]} (wrong architecture?)")
 
 
-def _round_trip(checkpoint: Path, digests: dict[str, str], dtype: torch.dtype) -> dict | None:
-    """For a checkpoint imported from Hugging Face: how many exported tensors are bit-equal to
-    the source's (every one, for an untrained import exported in the source's dtype)."""
+def _checksum_record(checkpoint: Path, dtype: torch.dtype) -> dict | None:
+    """The SHA-256 record of an imported checkpoint's source, when this export can reproduce its
+    bytes (same dtype); None otherwise."""
     path = checkpoint / CHECKSUMS
     if not path.is_file():
         return None
@@ -236,6 +238,14 @@ def _round_trip(checkpoint: Path, digests: dict[str, str], dtype: torch.dtype) -
     if record["dtype"] != _DTYPE_NAMES[dtype]:
         _progress(f"round-trip check skipped: the source was {record['dtype']}, this export is "
                   f"{_DTYPE_NAMES[dtype]}")
+        return None
+    return record
+
+
+def _round_trip(record: dict | None, digests: dict[str, str]) -> dict | None:
+    """For a checkpoint imported from Hugging Face: how many exported tensors are bit-equal to
+    the source's (every one, for an untrained import exported in the source's dtype)."""
+    if record is None:
         return None
     source = record["sha256"]
     equal = [n for n in digests if source.get(n) == digests[n]]

@@ -156,9 +156,11 @@ class ShardWriter:
     """Writes planned shards into ``directory``, each tensor's bytes as soon as it is given.
 
     Tensors must come in the planned order with the planned shape and dtype; :meth:`close`
-    checks that every one came and writes the index (when there is more than one shard)."""
+    checks that every one came and writes the index (when there is more than one shard).
+    ``hashed``: keep each tensor's SHA-256 in :attr:`digests`."""
 
-    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_bytes: int):
+    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_bytes: int,
+                 hashed: bool = True):
         self.directory = Path(directory)
         self._shards = plan_shards(specs, max_shard_bytes)
         count = len(self._shards)
@@ -167,6 +169,7 @@ class ShardWriter:
         self._queue = [(k, spec) for k, shard in enumerate(self._shards) for spec in shard]
         self._next = 0
         self._open: tuple[int, object] | None = None
+        self.hashed = hashed
         self.digests: dict[str, str] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -179,7 +182,8 @@ class ShardWriter:
         stream = self._stream(k)
         data = _bytes(tensor)
         stream.write(data)
-        self.digests[name] = hashlib.sha256(data).hexdigest()
+        if self.hashed:
+            self.digests[name] = hashlib.sha256(data).hexdigest()
         self._next += 1
 
     def _stream(self, k: int):

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor,
-                                                      ShardedTensorFactory)
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict)
@@ -38,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from megatron_moe.checkpointing.saveload import sharded_tensors
 from megatron_moe.config import Config
 from megatron_moe.convert import mixtral
 from megatron_moe.convert.safetensors_io import ShardWriter, TensorSpec
@@ -98,12 +98,13 @@ def _layer_groups(rows) -> list[tuple[str, list]]:
 # megatron -> Hugging Face
 # ---------------------------------------------------------------------------------------------
 def export_weights(checkpoint: Path, cfg: Config, model, vocab: int, dtype: torch.dtype | None,
-                   directory: Path, max_shard_bytes: int, progress: Progress) -> dict[str, str]:
+                   directory: Path, max_shard_bytes: int, progress: Progress,
+                   hashed: bool = True) -> dict[str, str]:
     """Write the checkpoint's weights as Hub-layout safetensors shards into ``directory``;
-    return every written tensor's SHA-256. ``model`` is the skeleton of ``cfg`` at the
-    checkpoint's dtype; ``dtype`` None keeps it."""
+    return every written tensor's SHA-256 (empty unless ``hashed``). ``model`` is the skeleton
+    of ``cfg`` at the checkpoint's dtype; ``dtype`` None keeps it."""
     specs = hf_specs(cfg, model, vocab, dtype)
-    writer = ShardWriter(directory, specs, max_shard_bytes)
+    writer = ShardWriter(directory, specs, max_shard_bytes, hashed)
     sharded = model.sharded_state_dict()
     started = time.perf_counter()
     groups = _layer_groups(_rows(cfg))
@@ -183,29 +184,12 @@ def _locate(sharded: dict) -> dict[tuple, tuple]:
     meta sharded tensor, factories built."""
     located = {}
     for name, value in sharded.items():
-        if isinstance(value, ShardedTensorFactory):
-            built = [v for v in _values(value.build()) if isinstance(v, ShardedTensor)]
-        elif isinstance(value, ShardedTensor):
-            built = [value]
-        else:
-            continue
-        for tensor in built:
+        for tensor in sharded_tensors({name: value}):
             if tensor.data is not None and tensor.data.is_meta:
                 geometry = (tuple(tensor.data.shape), tensor.data.stride(),
                             tensor.data.storage_offset())
                 located[(tensor.key, tuple(tensor.global_offset))] = (name, *geometry)
     return located
-
-
-def _values(x):
-    if isinstance(x, dict):
-        for v in x.values():
-            yield from _values(v)
-    elif isinstance(x, list):
-        for v in x:
-            yield from _values(v)
-    else:
-        yield x
 
 
 class _ProducingPlanner(MCoreSavePlanner):
