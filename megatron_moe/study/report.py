@@ -147,16 +147,34 @@ def claims_table(plan: Plan, runs: dict) -> list[str]:
     return lines
 
 
+def probe(run: RunRecords) -> float | None:
+    """The machine probe (it/s) of the run's last training start; None for runs recorded before
+    the runner kept one."""
+    seen = run.record.get("machine") or []
+    return seen[-1].get("probe_its_per_s") if seen else None
+
+
+def speed_outliers(runs: dict, tolerance: float = 0.10) -> tuple[float | None, set[str]]:
+    """The median probe over the runs that have one, and the ids of those off it by more than
+    ``tolerance`` (their wall-clock budget bought a different amount of compute)."""
+    probes = {r.run_id: probe(r) for rs in runs.values() for r in rs if probe(r)}
+    if not probes:
+        return None, set()
+    median = statistics.median(probes.values())
+    return median, {k for k, v in probes.items() if abs(v / median - 1) > tolerance}
+
+
 def runs_table(plan: Plan, runs: dict) -> list[str]:
+    _, off = speed_outliers(runs)
     lines = ["| run | seed | steps / fitted | train min | step s | valid loss | test BLEU | "
-             "test chrF | EP MB/step | two-expert | expert-tokens/token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "test chrF | EP MB/step | two-expert | expert-tokens/token | machine probe it/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for planned in plan.runs:
         done = {r.seed: r for r in runs.get(planned.name, [])}
         for seed in planned.seeds:
             r = done.get(seed)
             if r is None:
-                lines.append(f"| {planned.name} | {seed} | pending |" + " |" * 8)
+                lines.append(f"| {planned.name} | {seed} | pending |" + " |" * 9)
                 continue
             s = r.record["summary"]
             lines.append(
@@ -164,8 +182,21 @@ def runs_table(plan: Plan, runs: dict) -> list[str]:
                 f"{_fmt((s.get('train_s') or 0) / 60, 1)} | {_fmt(s['step_time_s'])} | "
                 f"{_fmt(r.evaluation.get('loss'))} | {_fmt(r.evaluation.get('bleu'), 2)} | "
                 f"{_fmt(r.evaluation.get('chrf'), 2)} | {_fmt(s.get('ep_mbytes'), 2)} | "
-                f"{_fmt(s.get('two_expert_frac'))} | {_fmt(s.get('expert_tokens_per_token'))} |")
+                f"{_fmt(s.get('two_expert_frac'))} | {_fmt(s.get('expert_tokens_per_token'))} | "
+                f"{_fmt(probe(r), 1)}{' (off)' if r.run_id in off else ''} |")
     return lines
+
+
+def _speed_note(runs: dict) -> list[str]:
+    median, off = speed_outliers(runs)
+    text = ("The budget is wall-clock, so a slower machine buys fewer steps. `machine probe` is "
+            "`megatron_moe/study/machine.py`'s fixed forward-backward rate, measured on the "
+            "plan's threads just before the run trained (`-`: recorded before the runner kept "
+            "it)")
+    if median is None:
+        return [text + "."]
+    return [text + f"; median {median:.1f} it/s, `(off)`: more than 10% from it "
+            f"({len(off)} run(s))."]
 
 
 def smoe_table(plan: Plan, runs: dict) -> list[str]:
@@ -250,7 +281,7 @@ def write_report(plan: Plan, records: Path) -> Path:
              "Verdicts: the difference of seed means (positive = the run is better) counts only "
              "beyond the larger seed range of the two runs; `no_worse` claims hold unless the run "
              "is worse beyond it; one seed gives no spread (inconclusive).", "",
-             "## Runs", "", *runs_table(plan, runs), ""]
+             "## Runs", "", *runs_table(plan, runs), "", *_speed_note(runs), ""]
     sweep = smoe_table(plan, runs)
     if sweep:
         lines += ["## SMoE-Dropout at inference k", "", *sweep, ""]

@@ -7,7 +7,8 @@ Per run id ``<name>-s<seed>``:
    budget-fitted schedule comes back with it (``training/budget.py``);
 2. evaluate the final checkpoint (``evaluate``: validation loss, test BLEU/chrF; and
    ``tools/smoe_k_sweep.py`` at the run's ``eval_k``);
-3. write the records to ``<records>/runs/<id>/``: ``run.json`` (commands, summary),
+3. write the records to ``<records>/runs/<id>/``: ``run.json`` (commands, summary, and
+   the machine of each start of its training: ``study/machine.py``),
    ``curve.jsonl`` (log-interval rows and validation rows), ``eval.json``, ``k_sweep.csv``.
 
 A run whose ``eval.json`` exists is finished and skipped; so rerunning the runner on a finished
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from megatron_moe.checkpointing.store import tracked_step
 from megatron_moe.staging import staged_file
+from megatron_moe.study import machine
 from megatron_moe.study.plan import Plan, PlannedRun
 from megatron_moe.study.records import compact_curve, summarize
 
@@ -138,6 +140,12 @@ class StudyRunner:
             return
         run_dir = self.work / rid
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "trained").exists():  # each start of its training: the machine
+            seen = machine.describe(self.plan.threads)
+            _log(f"{rid}: machine {seen['cpu']}, {seen['cores']} cores, "
+                 f"probe {seen['probe_its_per_s']} it/s")
+            with open(run_dir / "machine.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(seen) + "\n")
         _log(f"{rid}: training ({self.plan.budget_minutes} minutes budget)")
         started = time.time()
         train_cmd = self.train(run, seed, run_dir)
@@ -149,6 +157,7 @@ class StudyRunner:
                   "commands": [_display(train_cmd, self.plan)]
                   + [_display(c, self.plan) for c in eval_cmds],
                   "summary": summarize(run_dir / "metrics.jsonl"),
+                  "machine": _machines(run_dir),
                   "runner_seconds": time.time() - started}
         _write(out / "curve.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         if sweep:
@@ -167,6 +176,11 @@ def prepare_data(plan: Plan) -> None:
            "--output", plan.data_dir]
     _log(f"preprocessing: {shlex.join(cmd)}")
     subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def _machines(run_dir: Path) -> list[dict]:
+    path = run_dir / "machine.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _display(cmd: list[str], plan: Plan) -> str:

@@ -78,8 +78,12 @@ def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path
         steps = run["summary"]["steps"]
         assert steps > 10 and run["summary"]["train_s"] > 0
         assert any("megatron_moe train" in c for c in run["commands"])
+        starts = run["machine"]  # one record per start of training: the killed one resumed
+        assert len(starts) == (2 if rid == "top2-s1" else 1)
+        assert all(m["probe_its_per_s"] > 0 and m["cores"] >= 1 for m in starts)
         name, seed = rid.split("-s")
         assert f"| {name} | {seed} | {steps} / " in report  # runs table row
+        assert f"| {starts[-1]['probe_its_per_s']:.1f}" in report
     assert "4 of 4 runs finished" in report
     assert "| SMoE-Dropout no worse than top-2 | beats dense | smoe valid_loss:" in report
     assert "| smoe-s1 | 1 |" in report and "| smoe-s2 | 2 |" in report  # k sweep rows

@@ -1,0 +1,69 @@
+"""What machine a study run trained on, and how fast it was, measured just before it trains.
+
+A study compares methods at an equal *wall-clock* budget, so a run on a slower machine buys
+fewer steps. When a study spans sessions it spans machines: the runner records, per start of a
+run, the CPU model, the logical cores and a fixed probe, and the report shows
+the probe next to each run so that a difference of speed is seen rather than mistaken for a
+difference of method.
+
+The probe is a small model of the study's own work, timed on the plan's thread count: the
+forward and backward of a two-layer MLP of the CPU config's shape (512 tokens, width 192, FFN
+768) for about one second, reported as iterations per second (the median of five timed slices,
+so a short disturbance does not move it).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def probe_its_per_s(threads: int, seconds: float = 1.0) -> float:
+    """Forward + backward iterations per second of the fixed MLP on ``threads`` threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 192, generator=gen)
+        w1 = (torch.randn(192, 768, generator=gen) * 0.05).requires_grad_()
+        w2 = (torch.randn(768, 192, generator=gen) * 0.05).requires_grad_()
+
+        def step():
+            loss = (torch.nn.functional.gelu(x @ w1) @ w2).square().mean()
+            loss.backward()
+            w1.grad = w2.grad = None
+
+        for _ in range(5):  # warm-up: allocator, kernels
+            step()
+        rates = []
+        for _ in range(5):
+            n, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds / 5:
+                step()
+                n += 1
+            rates.append(n / elapsed)
+        return statistics.median(rates)
+    finally:
+        torch.set_num_threads(before)
+
+
+def describe(threads: int) -> dict:
+    """The record kept per start of a run (``run.json``'s ``machine``)."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "probe_its_per_s": round(probe_its_per_s(threads), 2),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
