@@ -148,10 +148,21 @@ def claims_table(plan: Plan, runs: dict) -> list[str]:
 
 
 def probe(run: RunRecords) -> float | None:
-    """The machine probe (it/s) of the run's last training start; None for runs recorded before
-    the runner kept one."""
+    """The machine probe (best slice, it/s) of the run's last training start; None for runs
+    recorded before the runner kept one, or kept only the earlier median probe."""
     seen = run.record.get("machine") or []
-    return seen[-1].get("probe_its_per_s") if seen else None
+    if not seen or "probe_median_its_per_s" not in seen[-1]:
+        return None
+    return seen[-1]["probe_its_per_s"]
+
+
+def _probe_cell(run: RunRecords, off: set) -> str:
+    seen = run.record.get("machine") or []
+    if probe(run) is not None:
+        return f"{probe(run):.1f}{' (off)' if run.run_id in off else ''}"
+    if seen and seen[-1].get("probe_its_per_s"):  # the earlier probe: a median, not compared
+        return f"~{seen[-1]['probe_its_per_s']:.1f}"
+    return "-"
 
 
 def speed_outliers(runs: dict, tolerance: float = 0.10) -> tuple[float | None, set[str]]:
@@ -183,16 +194,17 @@ def runs_table(plan: Plan, runs: dict) -> list[str]:
                 f"{_fmt(r.evaluation.get('loss'))} | {_fmt(r.evaluation.get('bleu'), 2)} | "
                 f"{_fmt(r.evaluation.get('chrf'), 2)} | {_fmt(s.get('ep_mbytes'), 2)} | "
                 f"{_fmt(s.get('two_expert_frac'))} | {_fmt(s.get('expert_tokens_per_token'))} | "
-                f"{_fmt(probe(r), 1)}{' (off)' if r.run_id in off else ''} |")
+                f"{_probe_cell(r, off)} |")
     return lines
 
 
 def _speed_note(runs: dict) -> list[str]:
     median, off = speed_outliers(runs)
     text = ("The budget is wall-clock, so a slower machine buys fewer steps. `machine probe` is "
-            "`megatron_moe/study/machine.py`'s fixed forward-backward rate, measured on the "
-            "plan's threads just before the run trained (`-`: recorded before the runner kept "
-            "it)")
+            "`megatron_moe/study/machine.py`'s fixed forward-backward rate (best of ten 0.2 s "
+            "slices), measured on the plan's threads just before the run trained (`-`: recorded "
+            "before the runner kept it; `~`: the earlier probe, a median of five slices, not "
+            "compared)")
     if median is None:
         return [text + "."]
     return [text + f"; median {median:.1f} it/s, `(off)`: more than 10% from it "
