@@ -11,6 +11,13 @@ ranges over their seeds (one seed each: no spread is known, the verdict is incon
   worse by more, inconclusive otherwise;
 - ``no_worse`` ("equal or better"): holds unless the run is worse by more than the spread;
 - ``in_range``: the run's mean (e.g. a time ratio, a fraction) lies in [low, high].
+
+The *paired* verdict applies the same rules to the per-seed differences (run seed i minus
+baseline seed i): their mean counts only beyond their range. Runs of one seed share the data
+order and the initial weights, and, when run back to back, the machine; pairing removes what
+they share, which the seed ranges of the means verdict include. A pair whose two runs both carry
+a machine probe that differ by more than 10% is left out (the wall-clock budget bought them
+different compute); a pair where either run lacks a probe is counted and marked ``?``.
 """
 
 from __future__ import annotations
@@ -110,12 +117,60 @@ def verdict(claim: Claim, run_values: list, base_values: list) -> tuple[str, flo
     spreads = [s for s in (spread, base_spread) if not math.isnan(s)]
     if not spreads or math.isnan(diff):
         return "inconclusive (one seed)", diff
-    noise = max(spreads)
-    if claim.kind == "no_worse":
-        return ("holds" if diff >= -noise else "does not hold"), diff
+    return _decide(claim.kind, diff, max(spreads)), diff
+
+
+def _decide(kind: str, diff: float, noise: float) -> str:
+    """A ``better`` or ``no_worse`` verdict on a difference (> 0 is better) and its noise."""
+    if kind == "no_worse":
+        return "holds" if diff >= -noise else "does not hold"
     if abs(diff) <= noise:
-        return "inconclusive (within seed spread)", diff
-    return ("holds" if diff > 0 else "does not hold"), diff
+        return "inconclusive (within seed spread)"
+    return "holds" if diff > 0 else "does not hold"
+
+
+def machines_comparable(a: RunRecords, b: RunRecords, tolerance: float = 0.10) -> bool | None:
+    """Whether two runs' machine probes agree within ``tolerance`` (None: a probe is missing)."""
+    pa, pb = probe(a), probe(b)
+    if pa is None or pb is None:
+        return None
+    return abs(pa / pb - 1) <= tolerance
+
+
+def paired_differences(claim: Claim, mine: list[RunRecords], base: list[RunRecords]
+                       ) -> list[tuple[int, float, bool | None]]:
+    """(seed, run minus baseline with > 0 better, machines comparable) for each seed both ran."""
+    sign = -1.0 if claim.metric in LOWER_IS_BETTER else 1.0
+    by_seed = {b.seed: b for b in base}
+    pairs = []
+    for r in sorted(mine, key=lambda r: r.seed):
+        b = by_seed.get(r.seed)
+        if b is None:
+            continue
+        if claim.metric == "time_to_baseline_loss":  # against that seed's baseline alone
+            rv, bv = time_to_loss_ratio(r, [b]), 1.0
+        else:
+            rv, bv = metric(r, claim.metric, base), metric(b, claim.metric, base)
+        if rv is not None and bv is not None and r is not b:
+            pairs.append((r.seed, sign * (rv - bv), machines_comparable(r, b)))
+    return pairs
+
+
+def paired_verdict(claim: Claim, pairs: list[tuple[int, float, bool | None]]) -> str:
+    """The claim's verdict on the per-seed differences of the pairs not left out."""
+    if claim.kind == "in_range":
+        return "-"
+    diffs = [d for _, d, same in pairs if same is not False]
+    if len(diffs) < 2:
+        return "inconclusive (fewer than two pairs)"
+    if not all(math.isfinite(d) for d in diffs):
+        return "inconclusive (a run never reached the target)"
+    return _decide(claim.kind, statistics.mean(diffs), max(diffs) - min(diffs))
+
+
+def _pairs_cell(pairs: list[tuple[int, float, bool | None]]) -> str:
+    marks = {True: "", None: "?", False: " (left out: machines differ)"}
+    return ", ".join(f"s{seed} {d:+.3f}{marks[same]}" for seed, d, same in pairs) or "-"
 
 
 def _fmt(value, digits=3) -> str:
@@ -127,12 +182,12 @@ def _fmt(value, digits=3) -> str:
 
 
 def claims_table(plan: Plan, runs: dict) -> list[str]:
-    lines = ["| claim | paper | ours: run (per seed) | baseline (per seed) | difference | verdict |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| claim | paper | ours: run (per seed) | baseline (per seed) | difference | verdict "
+             "| paired by seed | paired verdict |", "|---|---|---|---|---|---|---|---|"]
     for c in plan.claims:
         mine, base = runs.get(c.run, []), runs.get(c.baseline, [])
         if not mine or (not base and c.kind != "in_range"):
-            lines.append(f"| {c.claim} | {c.paper} | pending | pending | - | pending |")
+            lines.append(f"| {c.claim} | {c.paper} | pending | pending | - | pending | - | - |")
             continue
         rv = [metric(r, c.metric, base) for r in mine]
         bv = [metric(r, c.metric, base) for r in base] if c.metric != "time_to_baseline_loss" \
@@ -140,10 +195,12 @@ def claims_table(plan: Plan, runs: dict) -> list[str]:
         result, diff = verdict(c, rv, bv)
         seeds = lambda vals: " / ".join(_fmt(v) for v in vals)  # noqa: E731
         target = f" (target {c.low:g}..{c.high:g})" if c.kind == "in_range" else ""
+        pairs = paired_differences(c, mine, base) if c.kind != "in_range" else []
         lines.append(
             f"| {c.claim} | {c.paper} | {c.run} {c.metric}: {_fmt(_stats(rv)[0])} "
             f"({seeds(rv)}){target} | {c.baseline}: {_fmt(_stats(bv)[0])} ({seeds(bv)}) | "
-            f"{_fmt(diff)} | **{result}** |")
+            f"{_fmt(diff)} | **{result}** | {_pairs_cell(pairs)} | "
+            f"**{paired_verdict(c, pairs)}** |")
     return lines
 
 
@@ -292,7 +349,11 @@ def write_report(plan: Plan, records: Path) -> Path:
              "## Claims", "", *claims_table(plan, runs), "",
              "Verdicts: the difference of seed means (positive = the run is better) counts only "
              "beyond the larger seed range of the two runs; `no_worse` claims hold unless the run "
-             "is worse beyond it; one seed gives no spread (inconclusive).", "",
+             "is worse beyond it; one seed gives no spread (inconclusive). Paired: the same rules "
+             "on the per-seed differences (run seed i minus baseline seed i), their mean against "
+             "their range; `?`: a run of the pair has no machine probe, so it is not known that "
+             "both ran at the same speed; pairs whose probes differ by more than 10% are left "
+             "out.", "",
              "## Runs", "", *runs_table(plan, runs), "", *_speed_note(runs), ""]
     sweep = smoe_table(plan, runs)
     if sweep:
