@@ -10,6 +10,7 @@ SMoE-Dropout exports at a chosen k; bad sources fail with a clear message and le
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -136,32 +137,54 @@ def test_smoe_dropout_exports_at_chosen_k(tmp_path):
     assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 3
 
 
+def _refusals(cases: dict) -> dict:
+    """{name: (exit code, stderr)} of ``megatron_moe convert ARGS`` for each case, run by the CLI's
+    ``main`` (what ``python -m megatron_moe`` calls) in one interpreter: a process start per
+    refusal would cost more than the refusals."""
+    script = """
+import contextlib, io, json, sys
+from megatron_moe.cli import main
+out = {}
+for name, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        out[name] = [main(["convert", *args]), err.getvalue()]
+print(json.dumps(out))
+"""
+    proc = check(launch([sys.executable, "-c", script, json.dumps(cases)]))
+    return {name: tuple(v) for name, v in last_json(proc).items()}
+
+
 def test_bad_sources_fail_clearly_and_leave_nothing(tmp_path, trained_tp2_ep2):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    proc = convert("--to", "megatron", "--load", str(empty), "--output", str(tmp_path / "o1"))
-    assert proc.returncode == 2 and "no config.json" in proc.stderr
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    proc = convert("--to", "megatron", "--load", str(llama), "--output", str(tmp_path / "o2"))
-    assert proc.returncode == 2 and "model_type is 'llama', not 'mixtral'" in proc.stderr
-    # a Mixtral missing one expert weight
     from safetensors.torch import load_file, save_file
 
-    source = tmp_path / "src"
-    _random_mixtral(source)
+    empty, llama, source = tmp_path / "empty", tmp_path / "llama", tmp_path / "src"
+    empty.mkdir()
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _random_mixtral(source)  # a Mixtral missing one expert weight
     tensors = load_file(str(source / "model.safetensors"))
     del tensors["model.layers.1.block_sparse_moe.experts.2.w2.weight"]
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
-    proc = convert("--to", "megatron", "--load", str(source), "--output", str(tmp_path / "o3"))
-    assert proc.returncode == 2
-    assert "model.layers.1.block_sparse_moe.experts.2.w2.weight is missing" in proc.stderr
-    # an existing output is not overwritten without --force
-    proc = convert("--to", "hf", "--load", str(trained_tp2_ep2), "--output", str(source))
-    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    dense = tmp_path / "dense"
+    _random_llama(dense)
+    got = _refusals({
+        "empty": ["--to", "megatron", "--load", str(empty), "--output", str(tmp_path / "o1")],
+        "llama": ["--to", "megatron", "--load", str(llama), "--output", str(tmp_path / "o2")],
+        "missing": ["--to", "megatron", "--load", str(source), "--output", str(tmp_path / "o3")],
+        # an existing output is not overwritten without --force
+        "exists": ["--to", "hf", "--load", str(trained_tp2_ep2), "--output", str(source)],
+        # upcycling with k = 1 would not reproduce the dense model
+        "k1": ["--to", "megatron", "--load", str(dense), "--output", str(tmp_path / "o4"),
+               "--upcycle-experts", "4", "--topk", "1"]})
+    assert all(code == 2 for code, _ in got.values()), got
+    assert "no config.json" in got["empty"][1]
+    assert "model_type is 'llama', not 'mixtral'" in got["llama"][1]
+    assert "model.layers.1.block_sparse_moe.experts.2.w2.weight is missing" in got["missing"][1]
+    assert "exists and is not empty" in got["exists"][1]
+    assert "--topk 1 must be between 2 and" in got["k1"][1]
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert not leftovers and not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert not leftovers and not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))
 
 
 def _random_llama(directory):
@@ -200,8 +223,4 @@ def test_upcycled_dense_llama_computes_the_dense_model_and_trains_under_ep2(tmp_
     check(cli("train", f"checkpoint.load={upcycled}", "checkpoint.finetune=true", "parallel.ep=2",
               "train.steps=20", "logging.interval=5", f"logging.metrics_file={metrics}", nproc=2))
     losses = [row["loss"] for row in read_metrics(metrics)]
-    assert len(losses) == 20 and losses[-1] < losses[0]
-    # k = 1 would not reproduce the dense model: refused with the reason
-    proc = convert("--to", "megatron", "--load", str(source), "--output", str(tmp_path / "k1"),
-                   "--upcycle-experts", "4", "--topk", "1")
-    assert proc.returncode == 2 and "--topk 1 must be between 2 and" in proc.stderr
+    assert len(losses) == 20 and losses[-1] < losses[0]  # (k = 1: see the refusals test)

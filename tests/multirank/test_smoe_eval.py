@@ -1,8 +1,10 @@
 """Tier: multi-rank gloo (1 process, spawned CLI). SMoE-Dropout's ``moe.eval_topk`` reaches every
-evaluation path of one translation checkpoint: `evaluate` at k = 1, 2, 4, 8 gives four different
-losses (and BLEU scores that are not all equal), `translate` at k = 1 and k = 8 gives different
-translations, and tools/smoe_k_sweep.py writes a CSV (k = 1..8, with BLEU/chrF) that matches
+evaluation path of one translation checkpoint: `evaluate` at k = 1 and 8 gives different losses,
+`translate` at k = 1 and k = 8 gives different translations, and tools/smoe_k_sweep.py writes a CSV
+(k = 1..8, with BLEU/chrF: losses that differ, BLEU scores that are not all equal) that matches
 `evaluate` at the same k, and a PNG. A router that ignored eval_topk would make all of them equal.
+(`evaluate` runs at two k only: the sweep covers the others in one process, and it is checked to
+be `evaluate` at the same k.)
 
 The checkpoint memorises 48 short pairs (its train, valid and test data): on the bundled sample a
 60-step model decodes only whitespace at every k (BLEU = chrF = 0), which could not tell k apart.
@@ -49,16 +51,14 @@ def trained(tmp_path_factory):
 def evaluated(trained):
     overrides, _ = trained
     return {k: last_json(check(cli("evaluate", *overrides, f"moe.eval_topk={k}")))
-            for k in (1, 2, 4, EXPERTS)}
+            for k in (1, EXPERTS)}
 
 
 @pytest.mark.multirank
 def test_evaluate_depends_on_eval_topk(evaluated):
     losses = [result["loss"] for result in evaluated.values()]
-    assert len(set(losses)) == 4, losses
-    assert len({str(sorted(result.items())) for result in evaluated.values()}) == 4
-    bleus = [result["bleu"] for result in evaluated.values()]
-    assert len(set(bleus)) > 1 and max(bleus) > 0, bleus
+    assert len(set(losses)) == 2, losses
+    assert max(result["bleu"] for result in evaluated.values()) > 0, evaluated
     assert evaluated[EXPERTS]["loss"] < evaluated[1]["loss"]  # trained up to k = E
 
 
@@ -95,6 +95,7 @@ def test_sweep_writes_csv_and_png_matching_evaluate(trained, evaluated, tmp_path
     assert [int(row["k"]) for row in rows] == list(range(1, EXPERTS + 1))
     assert all(row["bleu"] and row["chrf"] for row in rows)
     assert len({row["loss"] for row in rows}) > EXPERTS // 2
+    assert len({row["bleu"] for row in rows}) > 1, rows
     for k, result in evaluated.items():  # the sweep at k is `evaluate --set moe.eval_topk=k`
         row = rows[k - 1]
         assert float(row["loss"]) == pytest.approx(result["loss"], rel=1e-9)

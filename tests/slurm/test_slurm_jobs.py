@@ -10,6 +10,7 @@ Skipped, with the reason shown, when Debian's slurm-wlm and munge binaries are n
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -119,13 +120,27 @@ def test_time_limit_signal_saves_and_requeues(cluster, tmp_path):
 
 
 def test_preprocess_job(cluster, tmp_path):
+    """On slices of the bundled sample given as TRAIN/VALID/TEST (the whole sample's
+    SentencePiece training would take most of this tier's time)."""
+    import lzma
+
+    from megatron_moe.data.corpus import default_path
+
     log, out = tmp_path / "pre.log", tmp_path / "data"
+    splits = {}
+    for split, n in (("train", 1500), ("valid", 100), ("test", 100)):
+        with lzma.open(default_path(split), "rt", encoding="utf-8") as f:
+            lines = [next(f) for _ in range(n)]
+        splits[split.upper()] = str(tmp_path / f"{split}.tsv")
+        Path(splits[split.upper()]).write_text("".join(lines), encoding="utf-8")
     job = _submit(cluster, "preprocess.sbatch", log, "--cpus-per-task=2", OUTPUT=str(out),
-                  VOCAB_SIZE="2000")
+                  VOCAB_SIZE="500", **splits)
     state = cluster.wait(job, 600)
     text = log.read_text()
     assert state == "COMPLETED", text[-3000:]
     assert "wrote" in text and (out / "meta.json").is_file() and (out / "train.idx").is_file()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == 500 and (out / "test.idx").is_file(), meta
 
 
 def test_convert_job(cluster, tmp_path):
