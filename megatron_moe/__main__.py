@@ -1,8 +1,6 @@
 """``python -m megatron_moe ...``: see :mod:`megatron_moe.cli`."""
 
-import sys
-
-from megatron_moe.cli import main
+from megatron_moe.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -16,6 +16,7 @@ any training starts.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import warnings
@@ -59,6 +60,19 @@ def _user_errors():
     from megatron_moe.decoding import GenerationError
 
     return (ConfigError, DataError, CheckpointError, GenerationError, ConversionError)
+
+
+def exit_now(code: int) -> None:
+    """End a command's process with ``code``, its output written and closed. Python's own exit
+    would first garbage-collect every object of the ~2,300 modules torch and megatron import, about
+    1 s per process (per rank) for nothing: they are frozen, and the operating system frees them."""
+    gc.freeze()
+    sys.exit(code)
+
+
+def entry() -> None:
+    """The ``megatron-moe`` command and ``python -m megatron_moe``."""
+    exit_now(main())
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_moe.cli import main  # noqa: E402
+from megatron_moe.cli import exit_now, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", *sys.argv[1:]]))
+    exit_now(main(["convert", *sys.argv[1:]]))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_moe.cli import _user_errors  # noqa: E402
+from megatron_moe.cli import _user_errors, exit_now  # noqa: E402
 from megatron_moe.config import ConfigError, load_config  # noqa: E402
 from megatron_moe.routing.registry import routing_method  # noqa: E402
 from megatron_moe.runtime.distributed import is_main_rank, launch_env, shutdown_distributed  # noqa: E402
@@ -132,4 +132,4 @@ def _sweep(cfg, env, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

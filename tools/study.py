@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_moe.cli import exit_now  # noqa: E402
 from megatron_moe.config import ConfigError, load_config  # noqa: E402
 from megatron_moe.study.plan import PlanError, load_plan  # noqa: E402
 from megatron_moe.study.report import write_report  # noqa: E402
@@ -78,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

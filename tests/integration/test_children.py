@@ -54,8 +54,10 @@ def test_sigkilled_rank_leaves_no_child_process(tmp_path):
         assert children, "the rank has no child process to check"
         os.kill(proc.pid, signal.SIGKILL)  # the rank only, not its session
         assert proc.wait(timeout=30) == -signal.SIGKILL
-        time.sleep(10)
-        left = sorted(pid for pid in children if _alive(pid))
+        deadline = time.monotonic() + 10  # PDEATHSIG acts at once; polled, not slept through
+        while (left := sorted(pid for pid in children if _alive(pid))) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not left, f"children alive 10 s after the rank was killed: {left}"
     finally:
         kill_session(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import traceback
@@ -31,6 +32,7 @@ def _entry(rank, world, port, fn, args, errors):
         from megatron_moe.runtime.distributed import shutdown_distributed
 
         shutdown_distributed()
+        gc.freeze()  # no final garbage collection of torch's modules at exit (cli.exit_now)
 
 
 def spawn(fn, world: int, *args) -> None:
