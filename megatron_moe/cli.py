@@ -20,6 +20,7 @@ import gc
 import json
 import sys
 import warnings
+from typing import NoReturn
 
 from megatron_moe.config import ConfigError, load_config
 from megatron_moe.validation import validate
@@ -62,7 +63,7 @@ def _user_errors():
     return (ConfigError, DataError, CheckpointError, GenerationError, ConversionError)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End a command's process with ``code``, its output written and closed. Python's own exit
     would first garbage-collect every object of the ~2,300 modules torch and megatron import, about
     1 s per process (per rank) for nothing: they are frozen, and the operating system frees them."""
@@ -70,7 +71,7 @@ def exit_now(code: int) -> None:
     sys.exit(code)
 
 
-def entry() -> None:
+def entry() -> NoReturn:
     """The ``megatron-moe`` command and ``python -m megatron_moe``."""
     exit_now(main())
 
