@@ -7,6 +7,7 @@ runner left behind are ended before the run resumes."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from tests.conftest import DEBUG_CONFIG, launch
 
 pytestmark = pytest.mark.integration
 
-COMMON = ["train.steps=100000", "train.eval_interval=10", "logging.interval=5",
+COMMON = ["train.steps=100000", "train.eval_interval=10", "logging.interval=1",
           "train.budget_timing_steps=5", "train.warmup_steps=3"]
 
 
@@ -51,11 +52,13 @@ RUNS = [{"name": "top2", "label": "top-2"},
 
 def _kill_runner_mid_run(plan, tmp_path) -> None:
     """Start the runner; SIGKILL it (its training is left running) once the first run has a
-    checkpoint of its fitted schedule."""
+    checkpoint of its fitted schedule (step 10: the budget is timed over steps 1-5). Keyed to
+    top2-s1's own step lines: on a slow machine its budget may end before a given step."""
     ckpt = tmp_path / "work" / "top2-s1" / "ckpt"
     proc = _study(plan, tmp_path, background=True)
     for line in proc.stdout:
-        if "step     20/" in line and tracked_step(ckpt):
+        step = re.search(r"top2-s1: step\s+(\d+)/", line)
+        if step and int(step.group(1)) > 10 and (tracked_step(ckpt) or 0) >= 10:
             os.kill(proc.pid, signal.SIGKILL)  # the runner only
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -63,7 +66,7 @@ def _kill_runner_mid_run(plan, tmp_path) -> None:
 
 
 def test_two_run_two_seed_plan_killed_resumed_reported_then_report_only(tmp_path):
-    plan = _plan(tmp_path, RUNS, budget=0.07, extra=["checkpoint.interval=5"])
+    plan = _plan(tmp_path, RUNS, budget=0.1, extra=["checkpoint.interval=5"])
     _kill_runner_mid_run(plan, tmp_path)
     proc = _study(plan, tmp_path)  # resumes top2-s1, then runs the other three
     out = proc.stdout
