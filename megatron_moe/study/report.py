@@ -33,6 +33,12 @@ from megatron_moe.study.plan import Claim, Plan
 
 LOWER_IS_BETTER = {"valid_loss", "step_time_s", "ep_mbytes", "time_to_baseline_loss",
                    "expert_tokens_per_token"}
+SPEED_TOLERANCE = 0.10  # machine probes further apart than this: not the same compute budget
+
+
+def _sign(metric_name: str) -> float:
+    """The sign that makes a difference of ``metric_name`` positive when the run is better."""
+    return -1.0 if metric_name in LOWER_IS_BETTER else 1.0
 
 
 @dataclass
@@ -112,8 +118,7 @@ def verdict(claim: Claim, run_values: list, base_values: list) -> tuple[str, flo
             return "inconclusive (no value)", math.nan
         return ("holds" if claim.low <= mean <= claim.high else "does not hold"), math.nan
     base_mean, base_spread = _stats(base_values)
-    sign = -1.0 if claim.metric in LOWER_IS_BETTER else 1.0
-    diff = sign * (mean - base_mean)
+    diff = _sign(claim.metric) * (mean - base_mean)
     spreads = [s for s in (spread, base_spread) if not math.isnan(s)]
     if not spreads or math.isnan(diff):
         return "inconclusive (one seed)", diff
@@ -129,7 +134,8 @@ def _decide(kind: str, diff: float, noise: float) -> str:
     return "holds" if diff > 0 else "does not hold"
 
 
-def machines_comparable(a: RunRecords, b: RunRecords, tolerance: float = 0.10) -> bool | None:
+def machines_comparable(a: RunRecords, b: RunRecords,
+                        tolerance: float = SPEED_TOLERANCE) -> bool | None:
     """Whether two runs' machine probes agree within ``tolerance`` (None: a probe is missing)."""
     pa, pb = probe(a), probe(b)
     if pa is None or pb is None:
@@ -140,7 +146,6 @@ def machines_comparable(a: RunRecords, b: RunRecords, tolerance: float = 0.10) -
 def paired_differences(claim: Claim, mine: list[RunRecords], base: list[RunRecords]
                        ) -> list[tuple[int, float, bool | None]]:
     """(seed, run minus baseline with > 0 better, machines comparable) for each seed both ran."""
-    sign = -1.0 if claim.metric in LOWER_IS_BETTER else 1.0
     by_seed = {b.seed: b for b in base}
     pairs = []
     for r in sorted(mine, key=lambda r: r.seed):
@@ -151,8 +156,8 @@ def paired_differences(claim: Claim, mine: list[RunRecords], base: list[RunRecor
             rv, bv = time_to_loss_ratio(r, [b]), 1.0
         else:
             rv, bv = metric(r, claim.metric, base), metric(b, claim.metric, base)
-        if rv is not None and bv is not None and r is not b:
-            pairs.append((r.seed, sign * (rv - bv), machines_comparable(r, b)))
+        if rv is not None and bv is not None:
+            pairs.append((r.seed, _sign(claim.metric) * (rv - bv), machines_comparable(r, b)))
     return pairs
 
 
@@ -222,7 +227,8 @@ def _probe_cell(run: RunRecords, off: set) -> str:
     return "-"
 
 
-def speed_outliers(runs: dict, tolerance: float = 0.10) -> tuple[float | None, set[str]]:
+def speed_outliers(runs: dict, tolerance: float = SPEED_TOLERANCE
+                   ) -> tuple[float | None, set[str]]:
     """The median probe over the runs that have one, and the ids of those off it by more than
     ``tolerance`` (their wall-clock budget bought a different amount of compute)."""
     probes = {r.run_id: probe(r) for rs in runs.values() for r in rs if probe(r)}

@@ -2,9 +2,9 @@
 evaluation path of one translation checkpoint: `evaluate` at k = 1 and 8 gives different losses,
 `translate` at k = 1 and k = 8 gives different translations, and tools/smoe_k_sweep.py writes a CSV
 (k = 1, 2, 4, 8, with BLEU/chrF: losses that differ, BLEU scores that are not all equal) that
-matches `evaluate` at the same k, and a PNG. A router that ignored eval_topk would make all of them equal.
-(`evaluate` runs at two k only: the sweep covers the others in one process, and it is checked to
-be `evaluate` at the same k.)
+matches `evaluate` at the same k, and a PNG. A router that ignored eval_topk would make all of them
+equal. (`evaluate` runs at two k only: the sweep covers the others in one process, and it is
+checked to be `evaluate` at the same k.)
 
 The checkpoint memorises 48 short pairs (its train, valid and test data): on the bundled sample a
 60-step model decodes only whitespace at every k (BLEU = chrF = 0), which could not tell k apart.

@@ -159,19 +159,16 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         out = self.run("sbatch", "--parsable", *options, script, env=env, cwd=cwd).stdout
         return int(out.strip().split(";")[0])
 
-    def state(self, job: int) -> str:
+    def job(self, job: int) -> dict[str, str]:
+        """``scontrol show job``'s fields of ``job`` (JobState, Reason, Restarts, ...)."""
         out = self.run("scontrol", "show", "job", str(job), "-o", check=False).stdout
-        for field in out.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
+        return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+    def state(self, job: int) -> str:
+        return self.job(job).get("JobState", "UNKNOWN")
 
     def restarts(self, job: int) -> int:
-        out = self.run("scontrol", "show", "job", str(job), "-o", check=False).stdout
-        for field in out.split():
-            if field.startswith("Restarts="):
-                return int(field.split("=", 1)[1])
-        return 0
+        return int(self.job(job).get("Restarts", "0"))
 
     def wait(self, job: int, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED",
                                                     "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")) -> str:
@@ -180,8 +177,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         would only add to the tier's time."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            fields = dict(f.split("=", 1) for f in self.run(
-                "scontrol", "show", "job", str(job), "-o", check=False).stdout.split() if "=" in f)
+            fields = self.job(job)
             state = fields.get("JobState", "UNKNOWN")
             if state in until:
                 return state
