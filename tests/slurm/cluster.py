@@ -179,8 +179,11 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         while time.monotonic() < deadline:
             fields = self.job(job)
             state = fields.get("JobState", "UNKNOWN")
-            if state in until:
-                return state
+            if state in until:  # a job requeueing itself can pass through FAILED: seen twice
+                time.sleep(1)
+                if self.state(job) == state:
+                    return state
+                continue
             if state == "PENDING" and fields.get("Reason") == "BeginTime" \
                     and int(fields.get("Restarts", "0")) > 0:
                 self.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
